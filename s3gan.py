@@ -1,0 +1,1090 @@
+"""S3GAN in one file (module docstring completed later)."""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Config: every hyper-parameter, with the paper's defaults (ImageNet 128x128) and their sources
+# ----------------------------------------------------------------------------------------------
+
+METHODS = ('biggan', 'single-label', 'random-label', 'clustering', 'clustering-ss',
+           's2gan', 's3gan', 's2gan-co', 's3gan-co')
+# Per-resolution architecture, SPEC A1 (compare_gan resnet_biggan.py): G and D channel
+# multipliers, the block after which self-attention sits (1-based, 0 = none) and z size.
+ARCH = {
+    32: dict(g_mult=(4, 4, 4, 4), d_mult=(2, 2, 2, 2), g_attn=0, d_attn=0, z_dim=128),
+    64: dict(g_mult=(16, 16, 8, 4, 2), d_mult=(2, 4, 8, 16, 16), g_attn=4, d_attn=1, z_dim=120),
+    128: dict(g_mult=(16, 16, 8, 4, 2, 1), d_mult=(1, 2, 4, 8, 16, 16), g_attn=4, d_attn=1,
+              z_dim=120),
+    256: dict(g_mult=(16, 16, 8, 8, 4, 2, 1), d_mult=(1, 2, 4, 8, 8, 16, 16), g_attn=5, d_attn=2,
+              z_dim=140),
+    512: dict(g_mult=(16, 16, 8, 8, 4, 2, 1, 1), d_mult=(1, 1, 2, 4, 8, 8, 16, 16), g_attn=4,
+              d_attn=3, z_dim=160),
+}
+
+
+@dataclass
+class Config:
+    # what to train
+    method: str = 's3gan'              # SPEC B2: one of METHODS
+    data: str = 'shapes'               # SPEC B4: 'shapes', an image folder, or an .npz
+    num_images: int = 10000            # size of the embedded 'shapes' set (ours)
+    labeled_fraction: float = 0.1      # paper Sec. 4: 5%, 10%, 20% of ImageNet's labels
+    out: str = 'runs/s3gan'            # SPEC B6: output folder
+    # architecture (SPEC A1; compare_gan resnet_biggan.py)
+    resolution: int = 128              # biggan_imagenet128.gin
+    ch: int = 96                       # resnet_biggan ch=96 for G and D
+    num_classes: int = 0               # 0: from the data (ImageNet: 1000)
+    z_dim: int = 0                     # 0: per resolution (ARCH), 120 at 128
+    g_mult: tuple = ()                 # (): per resolution (ARCH)
+    d_mult: tuple = ()                 # (): per resolution (ARCH)
+    g_attn: int = -1                   # -1: per resolution (ARCH); G block with attention
+    d_attn: int = -1                   # -1: per resolution (ARCH); D block with attention
+    embed_dim: int = 128               # resnet_biggan embed_y dim
+    bn_eps: float = 1e-5               # standardize_batch.epsilon
+    # losses and heads (SPEC A2; compare_gan gans/s3gan.py)
+    rotated_batch_fraction: int = 2    # S3GAN.rotated_batch_fraction (gin.REQUIRED; test uses 2)
+    weight_rotation_loss_d: float = 1.0  # S3GAN.weight_rotation_loss_d
+    weight_rotation_loss_g: float = 0.2  # S3GAN.weight_rotation_loss_g
+    weight_class_loss: float = 1.0     # S3GAN.weight_class_loss
+    # optimisation (SPEC A4; biggan_imagenet128.gin)
+    batch_size: int = 2048             # options.batch_size, global, per D or G sub-step
+    steps: int = 250000                # options.training_steps (G steps)
+    disc_iters: int = 2                # options.disc_iters
+    lr_g: float = 1e-4                 # generator Adam learning rate
+    lr_d: float = 5e-4                 # discriminator Adam learning rate
+    beta1: float = 0.0                 # Adam beta1
+    beta2: float = 0.999               # Adam beta2
+    adam_eps: float = 1e-8             # TF Adam default
+    ema_decay: float = 0.9999          # ModularGAN.ema_decay
+    ema_start: int = 40000             # ModularGAN.ema_start_step (G steps)
+    # label inference (SPEC B3; ours, the official code only reads label files)
+    pretrain_steps: int = 0            # 0: per resolution (see label_stage_defaults)
+    pretrain_batch_size: int = 128     # ours
+    pretrain_lr: float = 0.1           # ours: SGD + momentum, cosine decay
+    clusters: int = 0                  # k-means K; 0: num_classes
+    # run
+    device: str = 'auto'               # SPEC B5: auto|cpu|cuda|xla
+    precision: str = 'fp32'            # SPEC B5: fp32|bf16
+    seed: int = 0
+    num_workers: int = 2               # data-loader processes
+    log_every: int = 100               # G steps between log lines
+    sample_every: int = 1000           # G steps between sample grids
+    ckpt_every: int = 1000             # G steps between checkpoints
+    fid_stats: str = ''                # reference statistics (.npz) for FID during training
+    fid_every: int = 10000             # G steps between FID evaluations
+    fid_samples: int = 10000           # samples per FID evaluation (paper: 50k)
+    standing_batches: int = 100        # standing statistics: batches (paper: 3200 of 64)
+    skip_bad_images: bool = False      # SPEC B4: skip unreadable images with a warning
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f'--method: unknown method {self.method!r}; choose from '
+                             f'{", ".join(METHODS)}')
+        if self.resolution not in ARCH:
+            raise ValueError(f'--resolution: {self.resolution} is not supported; choose from '
+                             f'{", ".join(map(str, ARCH))}')
+        if not 0.0 < self.labeled_fraction <= 1.0:
+            raise ValueError(f'--labeled-fraction must be in (0, 1], got {self.labeled_fraction}')
+        arch = ARCH[self.resolution]
+        self.z_dim = self.z_dim or arch['z_dim']
+        self.g_mult = tuple(self.g_mult) or arch['g_mult']
+        self.d_mult = tuple(self.d_mult) or arch['d_mult']
+        self.g_attn = arch['g_attn'] if self.g_attn < 0 else self.g_attn
+        self.d_attn = arch['d_attn'] if self.d_attn < 0 else self.d_attn
+        if self.z_dim % len(self.g_mult):
+            raise ValueError(f'--z-dim {self.z_dim} must split into {len(self.g_mult)} equal '
+                             f'chunks (hierarchical z at resolution {self.resolution})')
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers: spectral norm, batch standardisation, conditional BN, zero-insertion unpool, attention
+# ----------------------------------------------------------------------------------------------
+
+def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: float = 1e-12):
+    """W / sigma(W), sigma from one power iteration on the persistent vector u (SPEC A1).
+
+    W is read as a matrix (out, in*kh*kw); u (out,) is updated in place when `update`.
+    sigma = u . (W v) with u and v constants, written as a sum of a product: torch.vdot (used by
+    torch's parametrized spectral norm) has no XLA lowering and would split every TPU graph.
+    """
+    W_mat = W.flatten(1)                                          # (out, in*kh*kw)
+    with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
+        v = F.normalize(W_mat.t() @ u, dim=0, eps=eps)           # (in*kh*kw,)
+        u_new = F.normalize(W_mat @ v, dim=0, eps=eps)           # (out,)
+        if update:
+            u.copy_(u_new)
+    sigma = (u_new * (W_mat @ v)).sum()
+    return W / sigma
+
+
+class SNConv2d(nn.Conv2d):
+    """A 'same'-padded conv whose kernel is spectrally normalised on every forward pass."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, bias: bool = True):
+        super().__init__(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.register_buffer('u', torch.randn(out_ch))            # compare_gan: u ~ N(0, 1)
+
+    def forward(self, x):
+        W = spectral_normalize(self.weight, self.u, self.training)
+        return self._conv_forward(x, W, self.bias)
+
+
+class SNLinear(nn.Linear):
+    """A linear map whose weight is spectrally normalised on every forward pass."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer('u', torch.randn(out_features))
+
+    def normalized_weight(self):
+        return spectral_normalize(self.weight, self.u, self.training)
+
+    def forward(self, x):
+        return F.linear(x, self.normalized_weight(), self.bias)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of each input is the sum of the outputs' gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class BatchStandardize(nn.Module):
+    """(x - E[x]) / sqrt(Var[x] + eps) over (N, H, W) of the *global* batch (SPEC A1).
+
+    The moments are E[x] and E[x^2] - E[x]^2 (biased), as compare_gan's cross-replica moments.
+    Under torchrun they are summed over processes with a differentiable all-reduce, so every
+    process standardises with the moments of the whole batch, like the paper's TPU pod
+    (nn.SyncBatchNorm would do this too, but refuses CPU tensors). Under XLA SPMD the program
+    already sees the global batch. There are no running averages (use_moving_averages=False):
+    in eval mode the layer uses standing statistics that `standing_statistics` fills.
+    """
+
+    def __init__(self, num_features: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.accumulate = False   # set by standing_statistics(): batch moments, summed up
+        self.register_buffer('standing_mean', torch.zeros(num_features))
+        self.register_buffer('standing_var', torch.ones(num_features))
+
+    def forward(self, x):                                          # (B, C, H, W)
+        if self.training or self.accumulate:
+            moments = torch.stack([x.mean((0, 2, 3)), x.square().mean((0, 2, 3))])  # (2, C)
+            if (self.training and torch.distributed.is_initialized()
+                    and torch.distributed.get_world_size() > 1):
+                moments = _AllReduceSum.apply(moments) / torch.distributed.get_world_size()
+            mean, var = moments[0], moments[1] - moments[0].square()
+            if self.accumulate:
+                with torch.no_grad():
+                    self.standing_mean += mean
+                    self.standing_var += var
+        else:
+            mean, var = self.standing_mean, self.standing_var
+        return (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
+
+
+class ConditionalBatchNorm(nn.Module):
+    """x_hat * gamma(c) + beta(c), gamma and beta bias-free SN linear maps of c (SPEC A1, A6.2).
+
+    NOTE (deviation): BigGAN-PyTorch uses (1 + gamma(c)); S3GAN's code has no "+1", so the
+    gains start small and random, and so do ours.
+    """
+
+    def __init__(self, num_features: int, cond_dim: int, eps: float):
+        super().__init__()
+        self.standardize = BatchStandardize(num_features, eps)
+        self.gamma = SNLinear(cond_dim, num_features, bias=False)
+        self.beta = SNLinear(cond_dim, num_features, bias=False)
+
+    def forward(self, x, c):                                       # x (B, C, H, W), c (B, d)
+        return (self.standardize(x) * self.gamma(c)[:, :, None, None]
+                + self.beta(c)[:, :, None, None])
+
+
+class BatchNorm(nn.Module):
+    """Unconditional batch norm with learned gamma (init 1) and beta (init 0): G's last BN."""
+
+    def __init__(self, num_features: int, eps: float):
+        super().__init__()
+        self.standardize = BatchStandardize(num_features, eps)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        return self.standardize(x) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def unpool(x):
+    """2x upsampling by zero insertion: out[2i, 2j] = x[i, j], the other 3 pixels 0 (SPEC A6.1).
+
+    [[1, 2],     [[1, 0, 2, 0],
+     [3, 4]]  ->  [0, 0, 0, 0],
+                  [3, 0, 4, 0],
+                  [0, 0, 0, 0]]
+    """
+    B, C, H, W = x.shape
+    x = torch.stack([x, torch.zeros_like(x)], dim=-1).reshape(B, C, H, 2 * W)
+    return torch.stack([x, torch.zeros_like(x)], dim=3).reshape(B, C, 2 * H, 2 * W)
+
+
+class SelfAttention(nn.Module):
+    """SAGAN non-local block (compare_gan non_local_block): x + sigma * o(softmax(th phi^T) g)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.theta = SNConv2d(ch, ch // 8, 1, bias=False)
+        self.phi = SNConv2d(ch, ch // 8, 1, bias=False)
+        self.g = SNConv2d(ch, ch // 2, 1, bias=False)
+        self.o = SNConv2d(ch // 2, ch, 1, bias=False)
+        self.sigma = nn.Parameter(torch.zeros(()))                # the gain starts at 0
+
+    def forward(self, x):                                          # (B, C, H, W)
+        B, C, H, W = x.shape
+        q = self.theta(x).flatten(2).transpose(1, 2)               # (B, HW, C/8)
+        k = F.max_pool2d(self.phi(x), 2).flatten(2).transpose(1, 2)  # (B, HW/4, C/8)
+        v = F.max_pool2d(self.g(x), 2).flatten(2).transpose(1, 2)    # (B, HW/4, C/2)
+        # softmax(q k^T) v, unscaled as in SAGAN (hence scale=1)
+        o = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0)
+        o = o[:, 0].transpose(1, 2).reshape(B, C // 2, H, W)
+        return x + self.sigma * self.o(o)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator (SPEC A1: compare_gan resnet_biggan.Generator)
+# ----------------------------------------------------------------------------------------------
+
+class GBlock(nn.Module):
+    """CBN -> ReLU -> unpool -> conv3x3 -> CBN -> ReLU -> conv3x3, plus unpool -> conv1x1."""
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, eps: float):
+        super().__init__()
+        self.bn1 = ConditionalBatchNorm(in_ch, cond_dim, eps)
+        self.conv1 = SNConv2d(in_ch, out_ch, 3)
+        self.bn2 = ConditionalBatchNorm(out_ch, cond_dim, eps)
+        self.conv2 = SNConv2d(out_ch, out_ch, 3)
+        self.shortcut = SNConv2d(in_ch, out_ch, 1)
+
+    def forward(self, x, c):                                       # (B, a, H, W) -> (B, b, 2H, 2W)
+        h = self.conv1(unpool(F.relu(self.bn1(x, c))))
+        h = self.conv2(F.relu(self.bn2(h, c)))
+        return h + self.shortcut(unpool(x))
+
+
+class Generator(nn.Module):
+    """G(z, y) in [0, 1]: hierarchical z, shared class embedding, BigGAN blocks from 4x4."""
+
+    def __init__(self, z_dim: int, num_classes: int, ch: int, mult: tuple, attn_block: int,
+                 embed_dim: int = 128, eps: float = 1e-5):
+        super().__init__()
+        self.num_chunks = len(mult)                                # 1 for the seed + 1 per block
+        self.chunk = z_dim // self.num_chunks                      # 20 at 128x128
+        self.seed_ch = mult[0] * ch
+        cond_dim = self.chunk + embed_dim                          # 148 at 128x128
+        self.embed_y = nn.Embedding(num_classes, embed_dim)       # shared, no SN, no bias
+        self.fc_noise = SNLinear(self.chunk, 4 * 4 * self.seed_ch)
+        self.blocks = nn.ModuleList(GBlock(mult[i] * ch, mult[i + 1] * ch, cond_dim, eps)
+                                    for i in range(len(mult) - 1))
+        self.attn_block = attn_block
+        self.attn = SelfAttention(mult[attn_block] * ch) if attn_block else None
+        self.bn_out = BatchNorm(mult[-1] * ch, eps)
+        self.conv_out = SNConv2d(mult[-1] * ch, 3, 3)
+
+    def forward(self, z, y):                                       # z (B, z_dim), y (B,) int
+        zs = z.split(self.chunk, dim=1)
+        e = self.embed_y(y)                                        # (B, embed_dim)
+        h = self.fc_noise(zs[0]).view(-1, self.seed_ch, 4, 4)      # (B, 16ch, 4, 4)
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h, torch.cat([zs[i], e], dim=1))
+            if i == self.attn_block:
+                h = self.attn(h)
+        h = self.conv_out(F.relu(self.bn_out(h)))                  # (B, 3, R, R)
+        return (torch.tanh(h) + 1) / 2                             # in [0, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator with projection, rotation and classifier heads (SPEC A1, A2, B2)
+# ----------------------------------------------------------------------------------------------
+
+class DBlock(nn.Module):
+    """ReLU -> conv3x3 -> ReLU -> conv3x3 -> avgpool; 1x1 shortcut only if the width changes.
+
+    With equal widths there is no skip connection at all, as in compare_gan (SPEC A1).
+    The shortcut pools before its 1x1 conv: the same linear map as conv-then-pool, 4x cheaper.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, down: bool):
+        super().__init__()
+        self.conv1 = SNConv2d(in_ch, out_ch, 3)
+        self.conv2 = SNConv2d(out_ch, out_ch, 3)
+        self.shortcut = SNConv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.down = down
+
+    def forward(self, x):                                          # (B, a, H, W) -> (B, b, H/2, W/2)
+        h = self.conv2(F.relu(self.conv1(F.relu(x))))
+        if self.down:
+            h = F.avg_pool2d(h, 2)
+        if self.shortcut is None:
+            return h
+        return h + self.shortcut(F.avg_pool2d(x, 2) if self.down else x)
+
+
+class DOutput(NamedTuple):
+    logits: torch.Tensor                 # (B,) D(x, y) = w.h + b + <E y, h>
+    rot_logits: Optional[torch.Tensor]   # (B, 4) rotation head, or None
+    cls_logits: Optional[torch.Tensor]   # (B, K) classifier head, or None
+    y_used: torch.Tensor                 # (B,) the labels the projection saw
+
+
+class Discriminator(nn.Module):
+    """D(x, y): ResNet trunk, sum-pooled features h, one projection, optional heads."""
+
+    def __init__(self, num_classes: int, ch: int, mult: tuple, attn_block: int,
+                 rotation_head: bool, classifier_head: bool):
+        super().__init__()
+        widths = [3] + [m * ch for m in mult]
+        self.blocks = nn.ModuleList(DBlock(widths[i], widths[i + 1], down=i < len(mult) - 1)
+                                    for i in range(len(mult)))
+        self.attn_block = attn_block
+        self.attn = SelfAttention(widths[attn_block]) if attn_block else None
+        self.final_fc = SNLinear(widths[-1], 1)
+        self.embed_y = SNLinear(num_classes, widths[-1], bias=False)   # E, the projection
+        self.rotation = SNLinear(widths[-1], 4) if rotation_head else None
+        self.classifier = SNLinear(widths[-1], num_classes) if classifier_head else None
+
+    def forward(self, x, y):                                       # x (B, 3, R, R), y (B,) int
+        h = x
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h)
+            if i == self.attn_block:
+                h = self.attn(h)
+        h = F.relu(h).sum((2, 3))                                  # (B, C) sum-pooled
+        rot_logits = self.rotation(h) if self.rotation is not None else None
+        cls_logits = self.classifier(h) if self.classifier is not None else None
+        y_used = mix_labels(y, cls_logits) if cls_logits is not None else y
+        E_y = F.embedding(y_used, self.embed_y.normalized_weight().t())   # (B, C)
+        logits = self.final_fc(h).squeeze(1) + (E_y * h).sum(1)
+        return DOutput(logits, rot_logits, cls_logits, y_used)
+
+
+def init_weights(module: nn.Module):
+    """Orthogonal kernels, zero biases, glorot-normal projection (SPEC A1, A6.5)."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+            nn.init.orthogonal_(m.weight)
+            if getattr(m, 'bias', None) is not None:
+                nn.init.zeros_(m.bias)
+    if isinstance(module, Discriminator):
+        # glorot_normal in TF1 is a normal truncated at 2 std, rescaled to keep the variance
+        fan_out, fan_in = module.embed_y.weight.shape
+        std = math.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566103423978
+        nn.init.trunc_normal_(module.embed_y.weight, std=std, a=-2 * std, b=2 * std)
+
+
+def label_classes(cfg: Config) -> int:
+    """How many classes G and D are built for: one for single-label, K clusters for clustering."""
+    if cfg.method == 'single-label':
+        return 1
+    if cfg.method.startswith('clustering'):
+        return cfg.clusters or cfg.num_classes
+    return cfg.num_classes
+
+
+def uses_rotation(method: str) -> bool:
+    return method in ('clustering-ss', 's3gan', 's3gan-co')
+
+
+def uses_classifier(method: str) -> bool:
+    return method.endswith('-co')
+
+
+def build_models(cfg: Config):
+    """The one public way to get (G, D) for a Config, initialised as the paper's code does."""
+    K = label_classes(cfg)
+    G = Generator(cfg.z_dim, K, cfg.ch, cfg.g_mult, cfg.g_attn, cfg.embed_dim, cfg.bn_eps)
+    D = Discriminator(K, cfg.ch, cfg.d_mult, cfg.d_attn, rotation_head=uses_rotation(cfg.method),
+                      classifier_head=uses_classifier(cfg.method))
+    init_weights(G)
+    init_weights(D)
+    return G, D
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and the S3GAN batch layout (SPEC A2; compare_gan gans/s3gan.py, loss_lib.hinge)
+# ----------------------------------------------------------------------------------------------
+
+NUM_ROTATIONS = 4
+
+
+def hinge_loss_d(d_real, d_fake):
+    """L_D^GAN = E[relu(1 - D(x, y))] + E[relu(1 + D(G(z, y_hat), y_hat))]."""
+    return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+
+
+def hinge_loss_g(d_fake):
+    """L_G^GAN = -E[D(G(z, y_hat), y_hat)]."""
+    return -d_fake.mean()
+
+
+def rotation_loss(rot_logits, rot_labels):
+    """CE_rot = -E[log(softmax(r(x))_k + 1e-10)], the 1e-10 inside the log as in compare_gan."""
+    log_p = torch.log(F.softmax(rot_logits.float(), dim=1) + 1e-10)
+    return -log_p.gather(1, rot_labels[:, None]).mean()
+
+
+def class_loss(cls_logits, y):
+    """CE_cls over the labeled rows only (y >= 0), averaged over them; 0 when none is labeled.
+
+    tf.losses' SUM_BY_NONZERO_WEIGHTS: sum(w_i CE_i) / #(w_i != 0), with w_i = has_label.
+    """
+    has_label = (y >= 0).float()
+    ce = F.cross_entropy(cls_logits.float(), y.clamp(min=0), reduction='none')
+    return (ce * has_label).sum() / has_label.sum().clamp(min=1)
+
+
+def mix_labels(y, cls_logits):
+    """y_used = y where the label is known, else argmax of the classifier head (SPEC A2).
+
+    Example: y = [3, -1, 0, -1], argmax cls_logits = [1, 2, 2, 5] -> y_used = [3, 2, 0, 5].
+    The argmax is an integer, so no gradient flows from the projection into the classifier
+    (compare_gan's stop_gradient on the one-hot prediction).
+    """
+    return torch.where(y >= 0, y, cls_logits.argmax(dim=1))
+
+
+def rotate_batch(x, y, n: int):
+    """Append the last n images rotated by 90, 180 and 270 degrees (SPEC A2 batch layout).
+
+    Returns x_all (B + 3n, ...), y_all (labels tiled from the sources) and rot_labels (4n,),
+    the targets for the last 4n rows of x_all: the n unrotated sources then the three copies.
+    Worked example, B = 4, n = 1, images [a, b, c, d]:
+        x_all      = [a, b, c, d, rot90(d), rot180(d), rot270(d)]
+        rot_labels =          [0,        1,         2,          3]   (rows 3..6)
+    With n = 2: rot_labels = [0, 0, 1, 1, 2, 2, 3, 3]. Rotation k is np.rot90(x, k) over
+    (H, W), counter-clockwise, which is torch.rot90(x, k, (2, 3)) in NCHW.
+    """
+    if n == 0:
+        return x, y, None
+    src = x[-n:]
+    x_all = torch.cat([x] + [torch.rot90(src, k, (2, 3)) for k in range(1, NUM_ROTATIONS)])
+    y_all = torch.cat([y] + [y[-n:]] * (NUM_ROTATIONS - 1))
+    rot_labels = torch.arange(NUM_ROTATIONS, device=x.device).repeat_interleave(n)
+    return x_all, y_all, rot_labels
+
+
+# ----------------------------------------------------------------------------------------------
+# (data and label inference: merged from parts/labels.py)
+# ----------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices: every difference between CPU, CUDA, XLA and many processes lives here (SPEC B5)
+# ----------------------------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda if available, else xla if a TPU is attached, else cpu (SPEC B5)."""
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if os.environ.get('PJRT_DEVICE') == 'TPU' or os.path.exists('/dev/accel0'):
+            name = 'xla'
+        else:
+            return torch.device('cpu')
+    if name == 'xla':
+        import torch_xla  # imported only when asked for
+        return torch_xla.device()
+    if name not in ('cpu', 'cuda'):
+        raise ValueError(f'--device: unknown device {name!r}; choose auto, cpu, cuda or xla')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda: no CUDA device is available')
+    return torch.device(name)
+
+
+class Runtime:
+    """The device, the precision and the processes of a run.
+
+    - CPU / one GPU: one process, nothing special.
+    - Many GPUs (or CPU processes): `torchrun --nproc_per_node=N`; each process holds batch/N
+      images, DistributedDataParallel averages gradients and BatchStandardize all-reduces the
+      moments, so the math is that of one process with the global batch.
+    - TPU: one process drives every local core with SPMD (torch-xla's recommended path): the
+      batch is sharded over the cores and the compiler makes every reduction global.
+    """
+
+    def __init__(self, device: str = 'auto', precision: str = 'fp32'):
+        if precision not in ('fp32', 'bf16'):
+            raise ValueError(f'--precision: unknown precision {precision!r}; choose fp32 or bf16')
+        self.world = int(os.environ.get('WORLD_SIZE', '1'))
+        self.rank = int(os.environ.get('RANK', '0'))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            use_cuda = device in ('auto', 'cuda') and torch.cuda.is_available()
+            if use_cuda:
+                torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+            torch.distributed.init_process_group('nccl' if use_cuda else 'gloo')
+        self.device = pick_device(device)
+        if self.device.type == 'cuda':
+            self.device = torch.device('cuda', torch.cuda.current_device())
+            torch.backends.cuda.matmul.allow_tf32 = True   # speed; bf16 is the bigger lever
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True          # static shapes: pick kernels once
+        self.type = self.device.type
+        self.bf16 = precision == 'bf16'
+        self.mesh = None
+        if self.type == 'xla':
+            import torch_xla.runtime as xr
+            if xr.global_runtime_device_count() > 1:
+                import torch_xla.distributed.spmd as xs
+                xr.use_spmd()
+                n = xr.global_runtime_device_count()
+                self.mesh = xs.Mesh(np.arange(n), (n,), ('data',))
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def sync(self):
+        """End of a step: cut and run the XLA graph (no-op elsewhere; CUDA is asynchronous)."""
+        if self.type == 'xla':
+            import torch_xla
+            torch_xla.sync()
+
+    def shard(self, x):
+        """Under SPMD, split the batch dimension over the TPU cores."""
+        if self.mesh is not None:
+            import torch_xla.distributed.spmd as xs
+            xs.mark_sharding(x, self.mesh, ('data',) + (None,) * (x.dim() - 1))
+        return x
+
+    def wrap(self, model):
+        """DistributedDataParallel under torchrun; the model itself otherwise."""
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.type == 'cuda' else None
+        # Buffers (the power-iteration vectors u) follow from the weights, equal everywhere.
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+    def adam(self, params, lr, cfg):
+        # fused Adam on CUDA, foreach elsewhere: one kernel (or a few) per step, not one per tensor
+        kind = dict(fused=True) if self.type == 'cuda' else dict(foreach=True)
+        return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                **kind)
+
+    def manual_seed(self, seed: int):
+        torch.manual_seed(seed + self.rank)   # each process draws its own z and fake labels
+        if self.type == 'xla':
+            import torch_xla
+            torch_xla.manual_seed(seed + self.rank)
+
+    def rng_state(self):
+        state = {'cpu': torch.get_rng_state()}
+        if self.type == 'cuda':
+            state['cuda'] = torch.cuda.get_rng_state(self.device)
+        if self.type == 'xla':
+            import torch_xla.core.xla_model as xm
+            state['xla'] = torch.tensor(xm.get_rng_state(), dtype=torch.int64)
+        return state
+
+    def set_rng_state(self, state):
+        torch.set_rng_state(state['cpu'])
+        if 'cuda' in state and self.type == 'cuda':
+            torch.cuda.set_rng_state(state['cuda'], self.device)
+        if 'xla' in state and self.type == 'xla':
+            import torch_xla.core.xla_model as xm
+            xm.set_rng_state(int(state['xla']))
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def to_cpu(obj):
+    """A copy of a nest of dicts/lists whose tensors live on the CPU (for torch.save)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Training step (SPEC A2, A4): 2 D steps on fresh data, 1 G step, EMA of G
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ema_update(G_ema, G, decay: float):
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, on G's trainable weights (SPEC A4).
+
+    The power-iteration vectors u are copied: compare_gan's EMA generator reads G's own u.
+    """
+    torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1.0 - decay)
+    u_ema = [b for name, b in G_ema.named_buffers() if name.endswith('.u')]
+    u = [b for name, b in G.named_buffers() if name.endswith('.u')]
+    torch._foreach_copy_(u_ema, u)
+
+
+def sample_fake_inputs(batch: int, z_dim: int, num_classes: int, device):
+    """z ~ N(0, I) (SPEC A6.10: not compare_gan's uniform default), y_hat ~ U{0..K-1}."""
+    z = torch.randn(batch, z_dim, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    return z, y
+
+
+def train_step(models, opts, batches, cfg: Config, rt: Runtime, ema_decay: float):
+    """One global step in the paper's order; returns a dict of scalar tensors (no host sync).
+
+    models = (G, D, G_ema, G_train, D_train): the modules and their DDP wrappers (the same
+    modules on one process). batches: cfg.disc_iters (x_real, y_real, y_true) tuples, each a
+    fresh real batch; y_real is what the projection sees (-1: unlabeled, co-training methods).
+    """
+    G, D, G_ema, G_train, D_train = models
+    opt_G, opt_D = opts
+    K = G.embed_y.num_embeddings
+    n_rot = 0
+    if uses_rotation(cfg.method):
+        n_rot = batches[0][0].shape[0] // (NUM_ROTATIONS * cfg.rotated_batch_fraction)
+    stats = {}
+    for x_real, y_real, y_true in batches:                         # x_real (B, 3, R, R) in [0, 1]
+        B = x_real.shape[0]
+        if cfg.method == 'random-label':                           # a fresh label at each read
+            y_real = torch.randint(0, K, (B,), device=x_real.device)
+        z, y_fake = sample_fake_inputs(B, cfg.z_dim, K, x_real.device)
+        with torch.no_grad(), rt.autocast():
+            x_fake = G(z, y_fake)
+        xr, yr, rot_labels = rotate_batch(x_real, y_real, n_rot)
+        xf, yf, _ = rotate_batch(x_fake.to(x_real.dtype), y_fake, n_rot)
+        with rt.autocast():
+            out = D_train(torch.cat([xr, xf]), torch.cat([yr, yf]))   # one D call, SPEC A2
+        m = B + 3 * n_rot                                          # rows of the real half
+        logits = out.logits.float()
+        loss_d = hinge_loss_d(logits[:B], logits[m:m + B])
+        stats['d_real'], stats['d_fake'] = logits[:B].mean(), logits[m:m + B].mean()
+        if n_rot:   # D learns rotations of real images only (weight 1.0)
+            rot_logits = out.rot_logits[m - 4 * n_rot:m]
+            stats['loss_rot_d'] = rotation_loss(rot_logits, rot_labels)
+            stats['rot_acc'] = (rot_logits.argmax(1) == rot_labels).float().mean()
+            loss_d = loss_d + cfg.weight_rotation_loss_d * stats['loss_rot_d']
+        if out.cls_logits is not None:   # CE on labeled reals; unlabeled ones get argmax labels
+            stats['loss_cls'] = class_loss(out.cls_logits[:B], y_real)
+            loss_d = loss_d + cfg.weight_class_loss * stats['loss_cls']
+            unlabeled = ((y_real < 0) & (y_true >= 0)).float()      # truth known, label hidden
+            right = (out.y_used[:B] == y_true).float()
+            stats['cls_acc'] = (right * unlabeled).sum() / unlabeled.sum().clamp(min=1)
+        opt_D.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_D.step()
+    stats['loss_d'] = loss_d.detach()
+
+    z, y_fake = sample_fake_inputs(B, cfg.z_dim, K, x_real.device)
+    D.requires_grad_(False)                          # no D gradients (nor DDP hooks) in G's step
+    with rt.autocast():
+        x_fake = G_train(z, y_fake)
+        # NOTE (deviation): compare_gan also feeds the reals through D here and discards them;
+        # D has no batch norm, so leaving them out changes nothing but the cost.
+        xf, yf, rot_labels = rotate_batch(x_fake, y_fake, n_rot)
+        out = D(xf, yf)
+    loss_g = hinge_loss_g(out.logits[:B].float())
+    if n_rot:   # G is rewarded for fakes whose rotation D can tell (weight 0.2)
+        stats['loss_rot_g'] = rotation_loss(out.rot_logits[-4 * n_rot:], rot_labels)
+        loss_g = loss_g + cfg.weight_rotation_loss_g * stats['loss_rot_g']
+    opt_G.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_G.step()
+    D.requires_grad_(True)
+    ema_update(G_ema, G, ema_decay)
+    stats['loss_g'] = loss_g.detach()
+    return {k: v.detach().float() for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop (SPEC B5, B6): flat; it only checks intervals
+# ----------------------------------------------------------------------------------------------
+
+class TrainView(torch.utils.data.Dataset):
+    """Item i: (image, label fed to D's projection, true label or -1)."""
+
+    def __init__(self, dataset, y_real: np.ndarray):
+        self.dataset, self.y_real = dataset, torch.as_tensor(y_real, dtype=torch.int64)
+        self.y_true = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], self.y_real[i], self.y_true[i]
+
+
+class EndlessSampler(torch.utils.data.Sampler):
+    """Dataset indices from one seeded random permutation per epoch, starting at `start`.
+
+    The stream is global; process r of w takes positions r, r + w, r + 2w, ..., so the w local
+    batches together are the global batch. Resuming at a position replays nothing and skips
+    nothing, which is what makes a resumed run equal an unbroken one.
+    """
+
+    def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world
+
+    def __iter__(self):
+        pos, perm, epoch = self.start + self.rank, None, -1
+        while True:
+            if pos // self.n != epoch:
+                epoch = pos // self.n
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                    self.seed * 100003 + epoch))
+            yield int(perm[pos % self.n])
+            pos += self.world
+
+
+def real_batches(data: TrainView, cfg: Config, rt: Runtime, start_batch: int):
+    """Endless (x_real, y_real, y_true) batches on the device, from global batch `start_batch`."""
+    local = cfg.batch_size // rt.world
+    sampler = EndlessSampler(len(data), cfg.seed, start_batch * cfg.batch_size, rt.rank, rt.world)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=local, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
+        pin_memory=rt.type == 'cuda', generator=torch.Generator().manual_seed(cfg.seed),
+        persistent_workers=cfg.num_workers > 0)
+    for x, y_real, y_true in loader:   # workers decode the next batches while the device works
+        x, y_real, y_true = (t.to(rt.device, non_blocking=True) for t in (x, y_real, y_true))
+        yield rt.shard(x), rt.shard(y_real), rt.shard(y_true)
+
+
+def method_labels(cfg: Config, dataset, rt: Runtime):
+    """The label each real image carries into D's projection under cfg.method (SPEC B2)."""
+    y = np.asarray(dataset.labels, dtype=np.int64)
+    if cfg.method in ('single-label', 'random-label'):   # random: redrawn in every step
+        return np.zeros_like(y), None
+    if cfg.method == 'biggan':
+        if (y < 0).any():
+            raise ValueError(f'--method biggan needs a label for every image; {cfg.data} has '
+                             f'{int((y < 0).sum())} unlabeled (try a clustering method)')
+        return y, None
+    path = os.path.join(cfg.out, 'labels.npz')
+    if uses_classifier(cfg.method):                  # s2gan-co, s3gan-co: the true k% only
+        if (y < 0).any():
+            raise ValueError(f'--method {cfg.method} needs true labels to draw the labeled '
+                             f'subset from; {cfg.data} has none for some images')
+        if rt.is_main and not os.path.exists(path):
+            labeled = select_labeled(y, cfg.labeled_fraction, cfg.seed)
+            save_labels(path, np.where(labeled, y, -1), labeled, None)
+        rt.barrier()
+        return load_labels(path)['labels'], None
+    if rt.is_main:                                   # s2gan, s3gan, clustering(-ss)
+        infer_labels(cfg)
+    rt.barrier()
+    result = load_labels(path)
+    return result['labels'], result.get('accuracy')
+
+
+def save_checkpoint(path: str, state: dict):
+    """torch.save to a temporary file, then an atomic rename: a kill never leaves half a file."""
+    tmp = path + '.tmp'
+    torch.save(to_cpu(state), tmp)
+    os.replace(tmp, path)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def train(cfg: Config):
+    """Train cfg.method for cfg.steps G steps in cfg.out, resuming from cfg.out/ckpt.pt."""
+    rt = Runtime(cfg.device, cfg.precision)
+    dataset = make_dataset(cfg)
+    cfg = with_data_classes(cfg, dataset)
+    local = cfg.batch_size // rt.world
+    f4 = NUM_ROTATIONS * cfg.rotated_batch_fraction
+    if cfg.batch_size % rt.world or (uses_rotation(cfg.method) and local % f4):
+        raise ValueError(f'--batch-size {cfg.batch_size}: each of {rt.world} process(es) needs '
+                         f'an equal batch' + (f' divisible by 4 x --rotated-batch-fraction = {f4}'
+                                              if uses_rotation(cfg.method) else ''))
+    if rt.is_main:
+        os.makedirs(os.path.join(cfg.out, 'samples'), exist_ok=True)
+        with open(os.path.join(cfg.out, 'config.json'), 'w') as fh:
+            json.dump(dataclasses.asdict(cfg), fh, indent=1)
+    y_real, label_acc = method_labels(cfg, dataset, rt)
+
+    rt.manual_seed(cfg.seed)
+    G, D = build_models(cfg)
+    G, D = G.to(rt.device), D.to(rt.device)
+    G_ema = copy.deepcopy(G).eval()
+    opt_G, opt_D = rt.adam(G.parameters(), cfg.lr_g, cfg), rt.adam(D.parameters(), cfg.lr_d, cfg)
+    step, ckpt_path = 0, os.path.join(cfg.out, 'ckpt.pt')
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        for module, key in ((G, 'G'), (G_ema, 'G_ema'), (D, 'D'), (opt_G, 'opt_G'), (opt_D, 'opt_D')):
+            module.load_state_dict(ckpt[key])
+        step = ckpt['step']
+        rt.set_rng_state(ckpt['rng'][min(rt.rank, len(ckpt['rng']) - 1)])
+        if rt.is_main:
+            print(f'resuming from {ckpt_path} at step {step}')
+    models = (G, D, G_ema, rt.wrap(G), rt.wrap(D))
+    batches = real_batches(TrainView(dataset, y_real), cfg, rt, step * cfg.disc_iters)
+    K = G.embed_y.num_embeddings
+    rows = torch.linspace(0, K - 1, min(K, 10)).long()             # sample grid: one row a class
+    grid_gen = torch.Generator().manual_seed(cfg.seed)
+    grid_z = torch.randn(len(rows) * 8, cfg.z_dim, generator=grid_gen)
+    grid_y = rows.repeat_interleave(8)
+
+    sums, count, first_bad = {}, 0, torch.full((), -1, device=rt.device)
+    t_start, t_log, good_step = time.time(), time.time(), step
+    while step < cfg.steps:
+        decay = 0.0 if step < cfg.ema_start else cfg.ema_decay    # EMA = copy before ema_start
+        stats = train_step(models, (opt_G, opt_D), [next(batches) for _ in range(cfg.disc_iters)],
+                           cfg, rt, decay)
+        step += 1
+        ok = torch.isfinite(stats['loss_d']) & torch.isfinite(stats['loss_g'])
+        first_bad = torch.where(~ok & (first_bad < 0), step, first_bad)
+        sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
+        count += 1
+        rt.sync()
+        last = step == cfg.steps
+        if step % cfg.log_every and step % cfg.ckpt_every and not last:
+            continue                                               # the usual case: no host sync
+        if int(first_bad) >= 0:
+            raise TrainingDiverged(f'a loss became NaN or inf at step {int(first_bad)}; stopped. '
+                                   f'The last good checkpoint (step {good_step}) is {ckpt_path}')
+        if (step % cfg.log_every == 0 or last) and rt.is_main:
+            now = time.time()
+            row = dict(zip(sums, torch.stack(list(sums.values())).div(count).tolist()))
+            row.update(step=step, images_per_s=count * cfg.batch_size * cfg.disc_iters
+                       / (now - t_log), elapsed_s=now - t_start)
+            if label_acc is not None:
+                row['label_acc'] = label_acc
+            with open(os.path.join(cfg.out, 'log.jsonl'), 'a') as fh:
+                fh.write(json.dumps(row) + '\n')
+            eta = (cfg.steps - step) * (now - t_log) / count
+            print(f'step {step}/{cfg.steps} | ' + ' '.join(f'{k} {row[k]:.3f}' for k in sums)
+                  + f' | {row["images_per_s"]:.0f} img/s | eta {eta / 60:.1f} min', flush=True)
+            sums, count, t_log = {}, 0, time.time()
+        if (step % cfg.sample_every == 0 or last) and rt.is_main:
+            x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), cfg, rt)
+            save_grid(x, len(rows), os.path.join(cfg.out, 'samples', f'step_{step:07d}.png'))
+        if cfg.fid_stats and (step % cfg.fid_every == 0 or last) and rt.is_main:
+            fid_value = evaluate_fid(G_ema, cfg, rt)
+            print(f'step {step} | FID {fid_value:.2f}', flush=True)
+            with open(os.path.join(cfg.out, 'log.jsonl'), 'a') as fh:
+                fh.write(json.dumps(dict(step=step, fid=fid_value)) + '\n')
+        if step % cfg.ckpt_every == 0 or last:
+            rng = [rt.rng_state()]
+            if rt.world > 1:                                        # every process's RNG state
+                rng = [None] * rt.world
+                torch.distributed.all_gather_object(rng, rt.rng_state())
+            if rt.is_main:
+                save_checkpoint(ckpt_path, dict(
+                    G=G.state_dict(), G_ema=G_ema.state_dict(), D=D.state_dict(),
+                    opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(), step=step, rng=rng))
+            good_step = step
+    return dict(cfg=cfg, step=step, label_acc=label_acc, G_ema=G_ema)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and evaluation (SPEC A4, B7): G_ema with standing statistics
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def standing_statistics(G, num_batches: int, batch_size: int, z_dim: int, seed: int):
+    """Set every BN of G to the average of its batch moments over sampled batches (SPEC A4)."""
+    layers = [m for m in G.modules() if isinstance(m, BatchStandardize)]
+    for m in layers:
+        m.standing_mean.zero_(), m.standing_var.zero_()
+        m.accumulate = True
+    G.eval()                                      # no power iterations, and no all-reduce
+    gen, device = torch.Generator().manual_seed(seed), next(G.parameters()).device
+    K = G.embed_y.num_embeddings
+    for _ in range(num_batches):
+        z = torch.randn(batch_size, z_dim, generator=gen).to(device)
+        G(z, torch.randint(0, K, (batch_size,), generator=gen).to(device))
+    for m in layers:
+        m.standing_mean /= num_batches
+        m.standing_var /= num_batches
+        m.accumulate = False
+
+
+@torch.no_grad()
+def generate(G, z, y, cfg: Config, rt: Runtime, refresh: bool = True):
+    """Images in [0, 1] from G_ema after fresh standing statistics; (B, 3, R, R), on the CPU."""
+    if refresh:
+        standing_statistics(G, cfg.standing_batches, 64, cfg.z_dim, cfg.seed + 1)
+    with rt.autocast():
+        x = G(z, y)
+    return x.float().cpu()
+
+
+def save_grid(x, rows: int, path: str):
+    """Save images (N, 3, R, R) in [0, 1] as one PNG with `rows` rows."""
+    from PIL import Image
+    N, _, R, _ = x.shape
+    cols = N // rows
+    grid = x[:rows * cols].view(rows, cols, 3, R, R).permute(0, 3, 1, 4, 2).reshape(
+        rows * R, cols * R, 3)
+    Image.fromarray((grid * 255).round().byte().numpy()).save(path)
+
+
+def generate_uint8(G, num: int, cfg: Config, rt: Runtime, batch_size: int = 256, seed: int = 0):
+    """Yield (x uint8 (B, R, R, 3), y) batches: uniform labels, z ~ N(0, I), no truncation."""
+    standing_statistics(G, cfg.standing_batches, 64, cfg.z_dim, seed + 1)
+    gen, K = torch.Generator().manual_seed(seed), G.embed_y.num_embeddings
+    for start in range(0, num, batch_size):
+        b = min(batch_size, num - start)
+        z = torch.randn(b, cfg.z_dim, generator=gen)
+        y = torch.randint(0, K, (b,), generator=gen)
+        x = generate(G, z.to(rt.device), y.to(rt.device), cfg, rt, refresh=False)
+        yield (x * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy(), y.numpy()
+
+
+def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
+    """FID of cfg.fid_samples samples of G_ema against the statistics in cfg.fid_stats."""
+    import fid   # lazily: only runs that ask for FID need it
+    ref = np.load(cfg.fid_stats)
+    model = fid.load_inception(device=rt.device)
+    images = (torch.from_numpy(x).permute(0, 3, 1, 2) for x, _ in
+              generate_uint8(G, cfg.fid_samples, cfg, rt, seed=cfg.seed + 7))
+    mu, sigma = fid.compute_statistics(images, model, device=rt.device)
+    return float(fid.frechet_distance(mu, sigma, ref['mu'], ref['sigma']))
+
+
+def load_run(out: str, device: str = 'auto'):
+    """(cfg, G_ema, rt) from a run folder: config.json and ckpt.pt."""
+    for name in ('config.json', 'ckpt.pt'):
+        if not os.path.exists(os.path.join(out, name)):
+            raise ValueError(f'--out {out}: no {name} (is this a training output folder?)')
+    with open(os.path.join(out, 'config.json')) as fh:
+        cfg = Config(**{**json.load(fh), 'device': device, 'out': out})
+    rt = Runtime(cfg.device, cfg.precision)
+    G, _ = build_models(cfg)
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    G.load_state_dict(ckpt['G_ema'])
+    return cfg, G.to(rt.device), rt
+
+
+def sample(out: str, num: int, to: str, device: str = 'auto', batch_size: int = 256,
+           seed: int = 0):
+    """Write `num` samples of G_ema as an .npz (x uint8 NHWC, y int64) or a folder of PNGs."""
+    cfg, G, rt = load_run(out, device)
+    xs, ys = zip(*generate_uint8(G, num, cfg, rt, batch_size, seed))
+    x, y = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+    if to.endswith('.npz'):
+        os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
+        np.savez(to, x=x, y=y)
+    else:
+        from PIL import Image
+        os.makedirs(to, exist_ok=True)
+        for i, (img, label) in enumerate(zip(x, y)):
+            Image.fromarray(img).save(os.path.join(to, f'{i:06d}_class{label:04d}.png'))
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: flags are the Config fields with dashes (SPEC B1)
+# ----------------------------------------------------------------------------------------------
+
+# The embedded demo: S3GAN with 10% labels on the shapes set at 32x32, small enough for a laptop.
+DEMO = dict(method='s3gan', data='shapes', resolution=32, ch=32, batch_size=64, steps=1000,
+            num_images=5000, labeled_fraction=0.1, out='runs/demo', log_every=100,
+            sample_every=500, ckpt_every=250, standing_batches=20)
+
+
+def with_data_classes(cfg: Config, dataset) -> Config:
+    """Fill num_classes from the data set when the user left it at 0."""
+    if cfg.num_classes:
+        if dataset.num_classes > cfg.num_classes:
+            raise ValueError(f'--num-classes {cfg.num_classes}: {cfg.data} has '
+                             f'{dataset.num_classes} classes')
+        return cfg
+    if not dataset.num_classes:
+        raise ValueError(f'--num-classes: {cfg.data} has no labels; say how many classes '
+                         f'(or clusters) to use')
+    return dataclasses.replace(cfg, num_classes=dataset.num_classes)
+
+
+def config_parser(parser):
+    for f in dataclasses.fields(Config):
+        flag = '--' + f.name.replace('_', '-')
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type is tuple:
+            parser.add_argument(flag, default=None, metavar='A,B,...',
+                                type=lambda s: tuple(int(v) for v in s.split(',')))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog='s3gan.py', description=__doc__.split('\n')[0])
+    sub = parser.add_subparsers(dest='command')
+    config_parser(sub.add_parser('train', help='train a GAN (runs label inference if needed)'))
+    config_parser(sub.add_parser('infer-labels', help='the label stage alone (SPEC B3)'))
+    p = sub.add_parser('sample', help='write samples of a trained G_ema for fid.py')
+    p.add_argument('--out', required=True, help='the training output folder')
+    p.add_argument('--num', type=int, default=50000)
+    p.add_argument('--to', required=True, help='FILE.npz or a folder for PNG files')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--batch-size', type=int, default=256)
+    p.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == 'sample':
+            sample(args.out, args.num, args.to, args.device, args.batch_size, args.seed)
+            print(f'wrote {args.num} samples to {args.to}')
+            return
+        given = {k: v for k, v in vars(args).items() if k != 'command' and v is not None}
+        if args.command is None:
+            return demo()
+        cfg = Config(**given)
+        if args.command == 'infer-labels':
+            dataset = make_dataset(cfg)
+            infer_labels(with_data_classes(cfg, dataset))
+        else:
+            train(cfg)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+        print(f's3gan.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def demo():
+    cfg = Config(**DEMO)
+    print(f'S3GAN demo: {cfg.method} on the embedded shapes set, {cfg.resolution}x{cfg.resolution}, '
+          f'{cfg.labeled_fraction:.0%} labels, {cfg.steps} G steps, output in {cfg.out}/')
+    t = time.time()
+    result = train(cfg)
+    print(f'\nDone in {(time.time() - t) / 60:.1f} min: label inference, then {result["step"]} G '
+          f'steps.')
+    if result['label_acc'] is not None:
+        print(f'Inferred labels: {result["label_acc"]:.1%} right on the unlabeled images.')
+    print(f'Samples (one row per class, G_ema): {cfg.out}/samples/step_{result["step"]:07d}.png')
+    print(f'Checkpoint: {cfg.out}/ckpt.pt   log: {cfg.out}/log.jsonl')
+
+
+if __name__ == '__main__':
+    main()
