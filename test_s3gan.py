@@ -85,6 +85,14 @@ def test_unpool_is_zero_insertion():
     assert torch.allclose(up.abs().sum(), x.abs().sum())
 
 
+def test_conv_unpooled_equals_unpool_then_conv():
+    torch.manual_seed(0)
+    for k in (3, 1):
+        conv = s3gan.SNConv2d(5, 7, k).eval()
+        x = torch.randn(2, 5, 6, 6)
+        assert torch.allclose(s3gan.conv_unpooled(conv, x), conv(s3gan.unpool(x)), atol=1e-5)
+
+
 def test_conditional_bn_depends_on_label_and_z_chunk():
     torch.manual_seed(0)
     G, _ = s3gan.build_models(tiny(method='biggan'))
@@ -197,3 +205,213 @@ def test_label_mixing_keeps_labels_and_passes_no_gradient_to_the_classifier():
     out.logits.sum().backward()               # the GAN logits only: projection and trunk
     assert D.classifier.weight.grad is None or D.classifier.weight.grad.abs().sum() == 0
     assert D.embed_y.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (SPEC A2, A4, B2, B5, B6)
+# ----------------------------------------------------------------------------------------------
+
+def tiny_npz(path, n=48, resolution=32, classes=3, seed=0):
+    """A small labeled image set as an .npz (x uint8 NHWC, y int)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.integers(0, 256, (n, resolution, resolution, 3), dtype=np.uint8)
+    x[..., 0] = (y * 80)[:, None, None]                       # a class cue, so labels matter
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+def train_cfg(tmp_path, method='s3gan-co', **kw):
+    base = dict(data=tiny_npz(tmp_path / 'data.npz'), resolution=32, ch=4, batch_size=8,
+                steps=2, out=str(tmp_path / 'run'), num_workers=0, log_every=1,
+                sample_every=1000, ckpt_every=1000, standing_batches=2, labeled_fraction=0.5,
+                pretrain_steps=4, pretrain_batch_size=8)
+    return Config(method=method, **dict(base, **kw))
+
+
+@pytest.mark.parametrize('method', s3gan.METHODS)
+def test_one_step_of_each_method(method):
+    torch.manual_seed(0)
+    cfg = tiny(method=method, num_classes=4, batch_size=8)
+    G, D = s3gan.build_models(cfg)
+    G_ema = s3gan.copy.deepcopy(G)
+    rt = s3gan.Runtime('cpu')
+    opts = rt.adam(G.parameters(), 1e-4, cfg), rt.adam(D.parameters(), 5e-4, cfg)
+    y_true = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    y_real = torch.where(torch.arange(8) < 4, y_true, -1) if method.endswith('-co') else y_true
+    if method == 'single-label':                               # one class (method_labels)
+        y_real = torch.zeros_like(y_true)
+    batches = [(torch.rand(8, 3, 32, 32), y_real, y_true) for _ in range(cfg.disc_iters)]
+    seen = []
+    D.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out.y_used)))
+    stats = s3gan.train_step((G, D, G_ema, G, D), opts, batches, cfg, rt, ema_decay=0.0)
+
+    assert all(torch.isfinite(v) for v in stats.values())
+    assert len(seen) == cfg.disc_iters + 1                     # 2 D steps, then the G step
+    n = 8 // (4 * cfg.rotated_batch_fraction) if s3gan.uses_rotation(method) else 0
+    for k, (x_seen, y_used) in enumerate(seen[:-1]):           # each D step: its own reals
+        assert torch.equal(x_seen[:8], batches[k][0]) and x_seen.shape[0] == 2 * (8 + 3 * n)
+        y_proj = y_used[:8]
+        if method == 'random-label':                           # redrawn, not the stored label
+            assert not torch.equal(y_proj, y_real)
+        elif method.endswith('-co'):                           # known labels kept, rest argmax
+            assert torch.equal(y_proj[:4], y_true[:4]) and (y_proj >= 0).all()
+        else:
+            assert torch.equal(y_proj, y_real)
+    assert not torch.equal(seen[0][0][:8], seen[1][0][:8])     # fresh real data per D step
+    # which heads learn: rotation with rotation methods, classifier with co-training methods
+    rot_grad = D.rotation is not None and D.rotation.weight.grad.abs().sum() > 0
+    cls_grad = D.classifier is not None and D.classifier.weight.grad.abs().sum() > 0
+    assert rot_grad == s3gan.uses_rotation(method) and cls_grad == method.endswith('-co')
+    assert ('loss_rot_g' in stats) == s3gan.uses_rotation(method)
+    assert all(p.grad is not None for p in G.parameters() if p.requires_grad)
+    assert all(torch.equal(a, b) for a, b in zip(G_ema.parameters(), G.parameters()))  # decay 0
+
+
+def test_ema_arithmetic():
+    torch.manual_seed(0)
+    G, _ = s3gan.build_models(tiny(method='biggan'))
+    G_ema = s3gan.copy.deepcopy(G)
+    before = [p.clone() for p in G_ema.parameters()]
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(1.0)
+        G.fc_noise.u.mul_(-1)
+    s3gan.ema_update(G_ema, G, 0.9)
+    for b, p, e in zip(before, G.parameters(), G_ema.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * p, atol=1e-6)
+    assert torch.equal(G_ema.fc_noise.u, G.fc_noise.u)        # G's u is used, not averaged
+
+
+def test_endless_sampler_splits_global_batches_and_resumes():
+    full = list(__import__('itertools').islice(iter(s3gan.EndlessSampler(10, 3)), 30))
+    assert sorted(full[:10]) == list(range(10)) and sorted(full[10:20]) == list(range(10))
+    assert full[:10] != full[10:20]                            # a new permutation each epoch
+    r0 = list(__import__('itertools').islice(iter(s3gan.EndlessSampler(10, 3, 4, 0, 2)), 5))
+    r1 = list(__import__('itertools').islice(iter(s3gan.EndlessSampler(10, 3, 4, 1, 2)), 5))
+    assert r0 == full[4:14:2] and r1 == full[5:15:2]
+
+
+def _ckpt_tensors(path):
+    ckpt = torch.load(path, weights_only=True)
+    flat = {}
+    for key in ('G', 'G_ema', 'D'):
+        flat.update({f'{key}.{k}': v for k, v in ckpt[key].items()})
+    for key in ('opt_G', 'opt_D'):
+        for i, state in ckpt[key]['state'].items():
+            flat.update({f'{key}.{i}.{k}': v for k, v in state.items()})
+    return ckpt['step'], flat
+
+
+def test_resume_equals_an_unbroken_run(tmp_path):
+    broken = train_cfg(tmp_path, steps=4, out=str(tmp_path / 'a'))
+    s3gan.train(broken)
+    s3gan.train(s3gan.dataclasses.replace(broken, steps=8))
+    s3gan.train(train_cfg(tmp_path, steps=8, out=str(tmp_path / 'b')))
+    step_a, a = _ckpt_tensors(tmp_path / 'a' / 'ckpt.pt')
+    step_b, b = _ckpt_tensors(tmp_path / 'b' / 'ckpt.pt')
+    assert step_a == step_b == 8 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), 'resumed run differs from the unbroken one'
+    log = [json.loads(line) for line in open(tmp_path / 'a' / 'log.jsonl')]
+    assert [row['step'] for row in log] == list(range(1, 9))
+    assert {'loss_d', 'loss_g', 'd_real', 'd_fake', 'rot_acc', 'cls_acc', 'images_per_s'} <= set(log[-1])
+    assert (tmp_path / 'a' / 'samples' / 'step_0000008.png').exists()
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = train_cfg(tmp_path, method='biggan', steps=6, ckpt_every=2, log_every=2)
+    calls = []
+    real_hinge = s3gan.hinge_loss_g
+
+    def hinge_that_breaks(d_fake):   # G's loss turns NaN in the 3rd step
+        calls.append(1)
+        return real_hinge(d_fake) * (float('nan') if len(calls) == 3 else 1.0)
+    monkeypatch.setattr(s3gan, 'hinge_loss_g', hinge_that_breaks)
+    with pytest.raises(s3gan.TrainingDiverged, match='at step 3'):
+        s3gan.train(cfg)
+    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt['G'].values() if v.is_floating_point())
+
+
+def test_sample_writes_what_fid_reads(tmp_path):
+    import fid
+    cfg = train_cfg(tmp_path, method='biggan', steps=1)
+    s3gan.train(cfg)
+    x, y = s3gan.sample(cfg.out, 10, str(tmp_path / 's.npz'), device='cpu', batch_size=4)
+    data = np.load(tmp_path / 's.npz')
+    assert data['x'].shape == (10, 32, 32, 3) and data['x'].dtype == np.uint8
+    assert data['y'].dtype == np.int64 and set(data['y']) <= {0, 1, 2}
+    s3gan.sample(cfg.out, 3, str(tmp_path / 'pngs'), device='cpu')
+    assert len(os.listdir(tmp_path / 'pngs')) == 3
+    for source in (tmp_path / 's.npz', tmp_path / 'pngs'):
+        images = list(fid.iterate_images(str(source), batch_size=4))
+        assert sum(len(b) for b in images) == (10 if source.suffix else 3)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['train', '--method', 'bigan'], "--method: unknown method 'bigan'"),
+    (['train', '--labeled-fraction', '1.5'], '--labeled-fraction must be in (0, 1]'),
+    (['train', '--resolution', '48'], '--resolution: 48 is not supported'),
+    (['train', '--data', '/no/such/folder'], '/no/such/folder'),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        s3gan.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_error_for_a_batch_the_rotation_layout_cannot_split(tmp_path, capsys):
+    data = tiny_npz(tmp_path / 'd.npz')
+    with pytest.raises(SystemExit):
+        s3gan.main(['train', '--data', data, '--resolution', '32', '--batch-size', '12',
+                    '--method', 's3gan-co', '--out', str(tmp_path / 'r')])
+    assert '--batch-size 12' in capsys.readouterr().err
+
+
+def test_cli_corrupt_image_names_the_file_without_traceback(tmp_path):
+    for c in ('a', 'b'):
+        (tmp_path / 'data' / c).mkdir(parents=True)
+        from PIL import Image
+        Image.new('RGB', (40, 40), (10, 20, 30)).save(tmp_path / 'data' / c / 'ok.png')
+    (tmp_path / 'data' / 'b' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+    r = subprocess.run([sys.executable, str(ROOT / 's3gan.py'), 'train', '--data',
+                        str(tmp_path / 'data'), '--resolution', '32', '--ch', '4',
+                        '--batch-size', '8', '--steps', '1', '--method', 'biggan',
+                        '--num-workers', '0', '--out', str(tmp_path / 'run')],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and 'broken.jpg' in r.stderr and 'Traceback' not in r.stderr
+
+
+TWO_PROCESS_SCRIPT = '''
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import s3gan
+rt = s3gan.Runtime('cpu')
+torch.manual_seed(0)
+G, _ = s3gan.build_models(s3gan.Config(method='biggan', resolution=32, ch=4, num_classes=5))
+G_train = rt.wrap(G)
+g = torch.Generator().manual_seed(1)
+z, y = torch.randn(8, G.chunk * G.num_chunks, generator=g), torch.randint(0, 5, (8,), generator=g)
+rows = slice(rt.rank * 8 // rt.world, (rt.rank + 1) * 8 // rt.world)
+x = G_train(z[rows], y[rows])                  # batch norms see the moments of all 8 images
+loss = (x - 0.3).square().mean()               # DDP averages: the mean over the global batch
+loss.backward()
+torch.save(dict(x=x.detach(), grads=[p.grad for p in G.parameters()]),
+           os.path.join({out!r}, f'rank{{rt.rank}}_of{{rt.world}}.pt'))
+'''
+
+
+def test_two_processes_with_torchrun_equal_one_process(tmp_path):
+    script = tmp_path / 'ddp.py'
+    script.write_text(TWO_PROCESS_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                    '--nproc_per_node=2', str(script)], check=True, env=env, timeout=300)
+    one = torch.load(tmp_path / 'rank0_of1.pt')
+    r0, r1 = torch.load(tmp_path / 'rank0_of2.pt'), torch.load(tmp_path / 'rank1_of2.pt')
+    assert torch.allclose(torch.cat([r0['x'], r1['x']]), one['x'], atol=1e-5)   # global moments
+    for g1, g0, g_1 in zip(one['grads'], r0['grads'], r1['grads']):
+        assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4) and torch.equal(g0, g_1)
