@@ -1,22 +1,20 @@
 """FID and Inception Score with the numbers papers report, in one file (torch, numpy, scipy, PIL).
 
-Papers compute FID (Heusel et al. 2017) with the TensorFlow Inception graph of 2015-12-05.
-mseitzer/pytorch-fid ports its weights to PyTorch (`pt_inception-2015-12-05-6726825d.pth`) and
-patches torchvision's Inception-v3 where the graph differs. This file writes that network out
-itself, loads the same file strictly, and preprocesses as pytorch-fid does, so its FID equals
-pytorch-fid's. Numbers from torchvision's ImageNet Inception, another resize, or fewer than
-50k samples are not comparable with papers.
+Papers compute FID (Heusel et al. 2017) with the TensorFlow Inception graph of 2015-12-05;
+mseitzer/pytorch-fid ports its weights (`pt_inception-2015-12-05-6726825d.pth`) and patches
+torchvision's Inception-v3 where the graph differs. This file writes that network out itself,
+loads the same file strictly and preprocesses as pytorch-fid, so its numbers equal pytorch-fid's.
+Scores from torchvision's ImageNet Inception, another resize, or fewer than 50k samples are not
+comparable with papers. The chain: image -> RGB in [0, 1] -> bilinear resize to 299x299 without
+antialiasing -> [-1, 1] -> pool3 (2048) -> mean, covariance (N-1) in float64 -> Fréchet distance
+with scipy's sqrtm (tens of seconds at 2048x2048 on a few cores).
 
-    python fid.py samples/ real/                 # image folders, searched recursively
-    python fid.py samples.npz real_stats.npz     # .npz of uint8 images (x or arr_0, NHWC)
-                                                 # or of statistics (mu, sigma)
-    python fid.py --save-stats real/ real_stats.npz   # pytorch-fid reads this file too
-    python fid.py samples.npz real_stats.npz --is     # + Inception Score of the first input
-    python fid.py A B --weights pt_inception-2015-12-05-6726825d.pth   # offline
-
-The weights are downloaded once to torch's hub cache (from pytorch-fid's release, hash
-checked) unless `--weights` names the file.
-
+    python fid.py samples/ real/                    # image folders, searched recursively
+    python fid.py samples.npz real_stats.npz --is   # .npz of uint8 images (x or arr_0, NHWC) or
+                                                    # of statistics (mu, sigma); + IS of the first
+    python fid.py --save-stats real/ real_stats.npz # pytorch-fid reads this file too
+    python fid.py A B --weights pt_inception-2015-12-05-6726825d.pth   # offline; else downloaded
+                                                    # once to torch's hub cache, hash checked
 API (s3gan.py imports this module lazily):
     model = load_inception(weights=None, device='cpu')   # InceptionFID in eval mode
     features, logits = model(x)   # x (B, 3, H, W) uint8 or float in [0, 1] -> (B, 2048), (B, 1008)
@@ -26,25 +24,19 @@ API (s3gan.py imports this module lazily):
     inception_score(logits, splits=10)                   # -> (mean, std)
     get_activations(images, model), feature_statistics(features), random_weights(seed)
 
-The chain, as pytorch-fid: image -> RGB in [0, 1] -> bilinear resize to 299x299 without
-antialiasing -> [-1, 1] -> Inception pool3 (2048) -> mean and covariance (N-1) in float64
--> Fréchet distance with scipy's sqrtm.
-
 Decisions where pytorch-fid is silent:
-- Inception Score: softmax over all 1008 logits of the TF graph (1000 ImageNet classes plus 8
-  unused outputs, which get ~0 probability), computed as pool3 @ W without the bias, as the
-  reference IS code (Salimans et al. 2016, improved-gan) reads them from the graph;
-  torch-fidelity's `logits_unbiased` is the same.
-- TF32 is off while features are computed on CUDA. torch allows it for cuDNN convolutions by
-  default, so pytorch-fid on an Ampere+ GPU rounds conv inputs to 10 bits; fid.py matches
-  pytorch-fid's full-precision (CPU) numbers instead.
-- A folder whose images differ in size works: such a batch is resized image by image, with the
-  same resize, before stacking (pytorch-fid cannot stack it).
-- Float images are used as given; images saved as 8-bit PNGs were quantized first, which
-  moves FID slightly. Quantize G's samples the same way if the two must agree.
+- Inception Score: softmax over all 1008 logits of the graph (1000 ImageNet classes and 8
+  unused outputs, which get ~0 probability), taken as pool3 @ W without the bias, as the
+  reference IS code (Salimans et al. 2016) reads them; torch-fidelity's `logits_unbiased` too.
+- No TF32 on CUDA. torch allows it for cuDNN convolutions by default, so pytorch-fid on an
+  Ampere+ GPU rounds conv inputs to 10 bits; fid.py keeps pytorch-fid's fp32 (CPU) numbers.
+- A folder of images of different sizes works: such a batch is resized image by image first.
+- Float images are used as given, while PNGs were quantized to 8 bits, which moves FID
+  slightly: quantize G's samples the same way if the two must agree.
 """
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -62,7 +54,6 @@ from scipy.special import log_softmax
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
 IMAGE_EXTENSIONS = {'.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp'}
-DIMS = 2048  # pool3 features
 
 
 class FIDError(Exception):
@@ -139,10 +130,8 @@ class InceptionC(nn.Module):
 
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                     self.branch7x7dbl_4, self.branch7x7dbl_5):
-            bd = conv(bd)
+        bd = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(bd))
         return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(avg_pool_3x3(x))], 1)
 
 
@@ -240,11 +229,8 @@ class InceptionFID(nn.Module):
 
 
 def random_weights(seed=0):
-    """A state dict of random weights in the layout of the real file, for tests and timing.
-
-    He-normal convs and non-trivial BatchNorm statistics keep activations O(1) through all 94
-    layers, so features depend on the input as they would with trained weights.
-    """
+    """Random weights in the layout of the real file, for tests and timing. He-normal convs and
+    non-trivial BatchNorm statistics keep activations O(1) through all 94 layers."""
     g = torch.Generator().manual_seed(seed)
     state = InceptionFID().state_dict()
     for name, t in state.items():
@@ -260,52 +246,48 @@ def random_weights(seed=0):
 
 
 def load_inception(weights=None, device='cpu'):
-    """InceptionFID in eval mode on `device`.
-
-    weights: None (download once to torch's hub cache), a path, or a state dict.
-    """
+    """InceptionFID in eval mode; weights: None (download once to the hub cache), path or dict."""
     if weights is None:
         try:
             state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location='cpu',
                                                        progress=True, check_hash=True)
         except Exception as e:  # offline, proxy, bad hash: all end the same way
-            raise FIDError(f'could not download the FID Inception weights ({_first_line(e)}); '
+            raise FIDError(f'could not download the FID Inception weights ({_one_line(e)}); '
                            f'fetch {FID_WEIGHTS_URL} elsewhere and pass --weights PATH') from None
     elif isinstance(weights, (str, os.PathLike)):
         try:
             state = torch.load(weights, map_location='cpu', weights_only=True)
-        except FileNotFoundError:
-            raise FIDError(f'weights file not found: {weights}') from None
-        except Exception as e:
-            raise FIDError(f'cannot read weights {weights}: {_first_line(e)}') from None
+        except Exception as e:  # missing, truncated, not a state dict
+            raise FIDError(f'cannot read weights {weights}: {_one_line(e)}') from None
     else:
         state = weights
     model = InceptionFID()
     try:
         model.load_state_dict(state)  # strict: the keys and shapes of pytorch-fid's file
     except Exception as e:
-        raise FIDError(f'not the FID Inception weights ({_first_line(e)})') from None
+        raise FIDError(f'not the FID Inception weights: {_one_line(e)}') from None
     model = model.eval().requires_grad_(False).to(device)
     if model.fc.weight.device.type == 'cpu':
-        # oneDNN's NHWC kernels: 1.5-2x faster on CPU (measured), features within fp32 rounding
-        # (~1e-6 relative). Not measured on CUDA, so NCHW stays there.
+        # oneDNN's NHWC kernels: 1.1-2x faster on CPU in our measurements (torch 2.13, 2.14),
+        # features equal to fp32 rounding (~1e-6 relative). Unmeasured on CUDA: NCHW there.
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def _first_line(e):
-    lines = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {lines[0] if lines else ""}'[:300]
+def _one_line(e):
+    text = f'{type(e).__name__}: {" ".join(str(e).split())}'
+    return text if len(text) <= 240 else text[:237] + '...'
 
 
 # -- Features -> statistics -> Fréchet distance, Inception Score ----------------------------------
 @contextlib.contextmanager
 def _full_fp32():
     """Turn TF32 off for the block (it changes the numbers), then restore the caller's choice."""
-    if hasattr(torch.backends.cudnn, 'conv'):  # torch >= 2.9; mixing old and new flags raises
-        flags, name, off = (torch.backends.cudnn.conv, torch.backends.cuda.matmul), 'fp32_precision', 'ieee'
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(cudnn, 'conv'):  # torch >= 2.9, where mixing the old and new flags raises
+        flags, name, off = (cudnn.conv, matmul), 'fp32_precision', 'ieee'
     else:
-        flags, name, off = (torch.backends.cudnn, torch.backends.cuda.matmul), 'allow_tf32', False
+        flags, name, off = (cudnn, matmul), 'allow_tf32', False
     saved = [getattr(f, name) for f in flags]
     for f in flags:
         setattr(f, name, off)
@@ -328,7 +310,7 @@ def get_activations(images, model, num_images=None, progress=False):
     # fp32 throughout: no TF32, and no autocast from a caller's training step.
     with _full_fp32(), torch.autocast(device.type, enabled=False):
         for x in images:
-            if isinstance(x, str):  # a loader worker's error message (see _collate)
+            if isinstance(x, str):  # a loader worker's error message (see _read_batch)
                 raise FIDError(x)
             f, l = model(x.to(device, non_blocking=True))
             features.append(f)  # kept on the device: no host sync per batch
@@ -366,18 +348,16 @@ def compute_statistics(images, model, return_logits=False, num_images=None, prog
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), as pytorch-fid."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise FIDError(f'statistics of different dimensions: mean {mu1.shape[0]} vs '
-                       f'{mu2.shape[0]}, covariance {sigma1.shape} vs {sigma2.shape}')
-    if sigma1.shape != (mu1.shape[0],) * 2:
-        raise FIDError(f'covariance {sigma1.shape} does not match mean {mu1.shape}')
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(float), np.atleast_2d(sigma2).astype(float)
+    d = len(mu1)
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise FIDError(f'statistics of different dimensions: mean {mu1.shape}, covariance '
+                       f'{sigma1.shape} vs mean {mu2.shape}, covariance {sigma2.shape}')
     with warnings.catch_warnings():  # scipy warns on a singular product; handled below
         warnings.simplefilter('ignore', linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1 @ sigma2)
         if not np.isfinite(covmean).all():
-            warnings.warn(f'the product of covariances is singular; adding {eps} to their '
-                          'diagonals')
+            warnings.warn(f'singular product of covariances; adding {eps} to their diagonals')
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     # Rounding can leave a small imaginary part; a large one means broken statistics.
@@ -405,74 +385,58 @@ def inception_score(logits, splits=10):
 
 
 # -- Inputs: image folders and .npz files ---------------------------------------------------------
-class ImageFiles(torch.utils.data.Dataset):
-    """Item i: image file i as (3, H, W) uint8 RGB, or an error message naming the file."""
-
-    def __init__(self, files):
-        self.files = files
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
+def _read_batch(files):
+    """In a loader worker: image files -> one (B, 3, H, W) batch, or an error message (a
+    worker's exception would reach the user wrapped in a traceback)."""
+    images = []
+    for path in files:
         try:
-            with Image.open(self.files[i]) as im:
-                return torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)
+            with Image.open(path) as im:
+                images.append(torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1))
         except Exception as e:  # PIL raises several types for bad files
-            # A worker's exception reaches the user wrapped in its traceback; a message does not.
-            return f'cannot read image {self.files[i]}: {_first_line(e)}'
+            return f'cannot read image {path}: {_one_line(e)}'
+    if any(im.shape != images[0].shape for im in images):  # sizes differ: resize each first
+        return torch.cat([resize_to_299(im[None]) for im in images])  # (B, 3, 299, 299) float
+    return torch.stack(images)  # (B, 3, H, W) uint8, made float on the device
 
 
-def _collate(items):
-    """Stack decoded images; resize each first when sizes differ; pass an error message on."""
-    errors = [it for it in items if isinstance(it, str)]
-    if errors:
-        return errors[0]
-    if any(it.shape != items[0].shape for it in items):
-        return torch.cat([resize_to_299(it[None]) for it in items])  # (B, 3, 299, 299) float
-    return torch.stack(items)  # (B, 3, H, W) uint8; decoded to float on the device
-
-
-def _npz_batches(x, batch_size, path):
+def _npz_batches(x, batch_size):
     """(N, H, W, 3) uint8 array -> (B, 3, H, W) uint8 tensors."""
-    if x.ndim == 3:  # grayscale (N, H, W)
-        x = x[..., None]
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise FIDError(f'{path}: expected uint8 images (N, H, W, 3), got {x.dtype} {x.shape}')
     for i in range(0, len(x), batch_size):
-        yield torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
+        yield torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2)
 
 
 def load_input(path, get_model, args):
     """(mu, sigma, logits or None) of an image folder, an .npz of images, or an .npz of stats."""
     path = Path(path)
-    if not path.exists():
-        raise FIDError(f'no such file or folder: {path}')
     if path.is_dir():
         files = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise FIDError(f'no images ({" ".join(sorted(IMAGE_EXTENSIONS))}) in {path}')
-        batches = torch.utils.data.DataLoader(
-            ImageFiles(files), batch_size=args.batch_size, num_workers=args.num_workers,
-            collate_fn=_collate, pin_memory=args.device.startswith('cuda'))
+        batches = torch.utils.data.DataLoader(  # the list of paths is the data set
+            files, batch_size=args.batch_size, num_workers=args.num_workers,
+            collate_fn=_read_batch, pin_memory=args.device.startswith('cuda'))
         n = len(files)
     elif path.suffix.lower() == '.npz':
         try:
             with np.load(path) as f:
-                if 'mu' in f and 'sigma' in f:
-                    return f['mu'], f['sigma'], None
-                key = next((k for k in ('x', 'arr_0') if k in f), None)
-                if key is None:
-                    raise FIDError(f'{path} holds neither images (x or arr_0) nor statistics '
-                                   f'(mu and sigma), but: {", ".join(f.files) or "nothing"}')
-                x = f[key]
-        except FIDError:
-            raise
+                keys = f.files
+                arrays = {k: f[k] for k in ('mu', 'sigma', 'x', 'arr_0') if k in keys}
         except Exception as e:
-            raise FIDError(f'cannot read {path}: {_first_line(e)}') from None
-        batches, n = _npz_batches(x, args.batch_size, path), len(x)
-    else:
+            raise FIDError(f'cannot read {path}: {_one_line(e)}') from None
+        if 'mu' in arrays and 'sigma' in arrays:
+            return arrays['mu'], arrays['sigma'], None
+        x = arrays.get('x', arrays.get('arr_0'))
+        if x is None:
+            raise FIDError(f'{path} holds neither images (x or arr_0) nor statistics (mu and '
+                           f'sigma), but: {", ".join(keys) or "nothing"}')
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise FIDError(f'{path}: expected uint8 images (N, H, W, 3), got {x.dtype} {x.shape}')
+        batches, n = _npz_batches(x, args.batch_size), len(x)
+    elif path.exists():
         raise FIDError(f'{path} is neither a folder of images nor an .npz file')
+    else:
+        raise FIDError(f'no such file or folder: {path}')
     return compute_statistics(batches, get_model(), return_logits=True, num_images=n,
                               progress=True)
 
@@ -482,54 +446,46 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog='fid.py', description=__doc__.split('\n\n')[0])
     p.add_argument('paths', nargs=2, metavar='PATH',
                    help='image folder, .npz of images (x or arr_0) or of statistics (mu, sigma)')
-    p.add_argument('--save-stats', action='store_true',
-                   help='write the statistics of the first PATH to the second (.npz)')
+    p.add_argument('--save-stats', action='store_true', help='write stats of PATH 1 to PATH 2')
     p.add_argument('--is', dest='inception_score', action='store_true',
-                   help='also print the Inception Score of the first PATH (10 splits)')
+                   help='also print the Inception Score (10 splits) of the first PATH')
     p.add_argument('--weights', help='the weights file (default: download to the hub cache)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--batch-size', type=int, default=50)
-    p.add_argument('--num-workers', type=int, default=min(8, os.cpu_count() or 1),
-                   help='processes decoding images')
+    p.add_argument('--num-workers', type=int, default=min(8, os.cpu_count() or 1))
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         p.error('--batch-size must be positive and --num-workers not negative')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         p.error(f'--device {args.device}: CUDA is not available')
+    # Loaded once, and only when an input holds images.
+    get_model = functools.cache(lambda: load_inception(args.weights, args.device))
     with warnings.catch_warnings():
         # One line per warning, like the errors, instead of Python's file:line form.
         warnings.showwarning = lambda msg, *_, **__: print(f'fid.py: warning: {msg}',
                                                            file=sys.stderr)
-        return _run(args)
-
-
-def _run(args):
-    try:
-        model = None
-
-        def get_model():  # only inputs of images need the network
-            nonlocal model
-            model = model or load_inception(args.weights, args.device)
-            return model
-
-        a, b = args.paths
-        mu1, sigma1, logits = load_input(a, get_model, args)
-        if args.inception_score and logits is None:
-            raise FIDError(f'--is needs images, but {a} holds statistics')
-        if args.inception_score:
-            print('IS: {:.4f} ± {:.4f}'.format(*inception_score(logits)))
-        if args.save_stats:
-            try:
-                np.savez_compressed(b, mu=mu1, sigma=sigma1)  # the keys pytorch-fid reads
-            except OSError as e:
-                raise FIDError(f'cannot write {b}: {_first_line(e)}') from None
-            print(f'saved statistics of {len(mu1)} features to {b}')
-        else:
-            mu2, sigma2, _ = load_input(b, get_model, args)
-            print(f'FID: {frechet_distance(mu1, sigma1, mu2, sigma2)}')
-    except FIDError as e:
-        print(f'fid.py: error: {e}', file=sys.stderr)
-        return 2
+        try:
+            (a, b), is_ = args.paths, args.inception_score
+            for path in [a] if args.save_stats else [a, b]:  # before minutes of work on a
+                if not Path(path).exists():
+                    raise FIDError(f'no such file or folder: {path}')
+            mu1, sigma1, logits = load_input(a, get_model, args)
+            if is_ and logits is None:
+                raise FIDError(f'--is needs images, but {a} holds statistics')
+            if is_:
+                print('IS: {:.4f} ± {:.4f}'.format(*inception_score(logits)))
+            if args.save_stats:
+                try:
+                    np.savez_compressed(b, mu=mu1, sigma=sigma1)  # the keys pytorch-fid reads
+                except OSError as e:
+                    raise FIDError(f'cannot write {b}: {_one_line(e)}') from None
+                print(f'saved statistics of {len(mu1)} features to {b}')
+            else:
+                mu2, sigma2, _ = load_input(b, get_model, args)
+                print(f'FID: {frechet_distance(mu1, sigma1, mu2, sigma2)}')
+        except FIDError as e:
+            print(f'fid.py: error: {e}', file=sys.stderr)
+            return 2
     return 0
 
 

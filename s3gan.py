@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -46,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
 
 # ----------------------------------------------------------------------------------------------
 # Config: every hyper-parameter, with the paper's defaults (ImageNet 128x128) and their sources
@@ -540,8 +543,437 @@ def rotate_batch(x, y, n: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# (data and label inference: merged from parts/labels.py)
+# Data (SPEC B4): item i = (image (3, R, R) float32 in [0, 1], label or -1)
 # ----------------------------------------------------------------------------------------------
+
+def _arc(cx, cy, r, a0, a1, n=12):
+    """Points of a circular arc from angle a0 to a1 (degrees), counter-clockwise if a1 > a0."""
+    t = np.radians(np.linspace(a0, a1, n))
+    return list(zip(cx + r * np.cos(t), cy + r * np.sin(t)))
+
+
+def _box(x0, y0, x1, y1):  # an axis-aligned rectangle
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+# The 10 classes of the embedded set, as polygons in [-1, 1]^2 with y pointing up. Each one has a
+# canonical "up" and none is a 90/180/270 degree rotation of another, so predicting the rotation
+# of an image requires recognising its shape, which is what makes the rotation features useful.
+SHAPES = {
+    'triangle': [[(-1, -.9), (1, -.9), (0, .9)]],
+    'house': [_box(-.7, -1, .7, .1), [(-1, .1), (1, .1), (0, 1)]],
+    'T': [_box(-1, .55, 1, 1), _box(-.22, -1, .22, .55)],
+    'arrow': [[(-.9, .1), (.9, .1), (0, 1)], _box(-.3, -1, .3, .1)],
+    'mushroom': [_arc(0, -.1, 1, 0, 180), _box(-.25, -1, .25, -.1)],
+    'person': [_arc(0, .72, .28, 0, 360), _box(-.4, -1, .4, .4), _box(-1, .05, 1, .3)],
+    'Y': [[(-1, 1), (-.55, 1), (0, .25), (.55, 1), (1, 1), (.25, -.1), (.25, -1), (-.25, -1),
+           (-.25, -.1)]],
+    'stairs': [[(-1, -1), (1, -1), (1, 1), (.33, 1), (.33, .33), (-.33, .33), (-.33, -.33),
+                (-1, -.33)]],
+    'table': [_box(-1, .6, 1, 1), _box(-.85, -1, -.5, .6), _box(.5, -1, .85, .6)],
+    # a disc minus a disc shifted right: outer arc on the left, inner arc back, opening right
+    'crescent': [_arc(0, 0, 1, 58, 302, 20) + _arc(.45, 0, .85, 276, 84, 16)],
+}
+SHAPE_POLYGONS = [[np.array(p, np.float32) for p in polys] for polys in SHAPES.values()]
+
+
+def draw_shape(seed: int, index: int, resolution: int) -> np.ndarray:
+    """Image `index` of the embedded set: a pure function of (seed, index), uint8 (R, R, 3).
+
+    The class is `index % 10`. Colour, size, aspect, position and a small tilt (+-12 degrees, so
+    "up" stays clear) are random; foreground and background colours are drawn independently of
+    the class, so colour statistics carry little about the class (a test checks this)."""
+    rng = np.random.default_rng((seed, index))
+    u = rng.random(10)
+    fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    if abs(fg @ (.3, .59, .11) - bg @ (.3, .59, .11)) < 60:  # keep the shape visible
+        fg = 255 - bg
+    size = resolution * (.22 + .2 * u[0])  # half-width in pixels
+    sx, sy = size * (.85 + .3 * u[1]), size * (.85 + .3 * u[2])
+    cx = size + (resolution - 2 * size) * u[3]
+    cy = size + (resolution - 2 * size) * u[4]
+    a = math.radians(24 * u[5] - 12)
+    rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]], np.float32)
+    ss = 2  # draw at 2x and shrink: cheap anti-aliasing
+    img = Image.new('RGB', (resolution * ss, resolution * ss), tuple(bg.tolist()))
+    draw = ImageDraw.Draw(img)
+    for poly in SHAPE_POLYGONS[index % len(SHAPE_POLYGONS)]:
+        xy = (poly * (sx, -sy)) @ rot + (cx, cy)  # flip y: image rows grow downwards
+        draw.polygon([tuple(p) for p in (xy * ss).tolist()], fill=tuple(fg.tolist()))
+    x = np.asarray(img.reduce(ss), dtype=np.int16)
+    noise = rng.integers(-12, 13, x.shape, dtype=np.int16)  # mild sensor-like noise
+    return np.clip(x + noise, 0, 255).astype(np.uint8)
+
+
+def _to_tensor(x: np.ndarray) -> torch.Tensor:  # uint8 (H, W, 3) -> (3, H, W) in [0, 1]
+    return torch.from_numpy(np.array(x)).permute(2, 0, 1).float() / 255
+
+
+class ShapesDataset(Dataset):
+    """The embedded procedural set (SPEC B4): 10 balanced classes drawn with PIL on demand."""
+
+    def __init__(self, num_images: int, resolution: int, seed: int):
+        self.num_images, self.resolution, self.seed = num_images, resolution, seed
+        self.num_classes = len(SHAPES)
+        self.labels = np.arange(num_images, dtype=np.int64) % self.num_classes
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, i):
+        return _to_tensor(draw_shape(self.seed, i, self.resolution)), int(self.labels[i])
+
+
+class BadImageError(ValueError):
+    """An image file PIL cannot decode (SPEC B4)."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker re-raises this in the main process with the whole worker traceback
+        # as the message; keep only our own last line, which names the file.
+        super().__init__(message.strip().splitlines()[-1].partition('BadImageError: ')[2]
+                         or message)
+
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+
+
+def random_square_crop(w: int, h: int, augment: bool) -> tuple:
+    """A square box (left, top, right, bottom) covering 50-100% of the area (SPEC A4), or the
+    central square when not augmenting. Uses torch's RNG so DataLoader workers differ.
+
+    NOTE (deviation): TF's sample_distorted_bounding_box falls back to the whole (non-square)
+    image when no square fits; we cap the side at the shorter edge instead."""
+    if not augment:
+        s = min(w, h)
+        return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+    r = torch.rand(3).tolist()
+    s = max(1, min(w, h, round(math.sqrt((0.5 + 0.5 * r[0]) * w * h))))
+    left, top = int(r[1] * (w - s + 1)), int(r[2] * (h - s + 1))
+    return left, top, left + s, top + s
+
+
+class FolderDataset(Dataset):
+    """One subfolder per class (ImageNet's layout); any size or mode; no flip (SPEC A4, B4)."""
+
+    def __init__(self, root: str, resolution: int, augment: bool, skip_bad: bool):
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.files, labels = [], []
+        for y, c in enumerate(classes):
+            for name in sorted(os.listdir(os.path.join(root, c))):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    self.files.append(os.path.join(root, c, name))
+                    labels.append(y)
+        if not self.files:
+            raise ValueError(f'--data {root}: no images found in class subfolders')
+        self.labels, self.num_classes = np.array(labels, np.int64), len(classes)
+        self.resolution, self.augment, self.skip_bad = resolution, augment, skip_bad
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        for j in range(i, i + len(self.files)):  # with skip_bad, fall through to the next file
+            path = self.files[j % len(self.files)]
+            try:
+                with Image.open(path) as img:
+                    img = img.convert('RGB')  # decodes fully: truncated files fail here
+            except (OSError, SyntaxError, ValueError) as e:
+                if not self.skip_bad:
+                    raise BadImageError(f'cannot read image {path}: {e}') from None
+                warnings.warn(f'skipping unreadable image {path}: {e}')
+                continue
+            box = random_square_crop(img.width, img.height, self.augment)
+            img = img.resize((self.resolution,) * 2, Image.BILINEAR, box=box)
+            return _to_tensor(np.asarray(img)), int(self.labels[j % len(self.files)])
+        raise BadImageError(f'--data {os.path.dirname(path)}: no readable image at all')
+
+
+class NpzDataset(Dataset):
+    """`x` uint8 (N, H, W, 3) and optional `y` int (N,) in one .npz file (SPEC B4)."""
+
+    def __init__(self, path: str, resolution: int):
+        with np.load(path) as f:
+            x = f['x'] if 'x' in f else None
+            y = f['y'].astype(np.int64) if 'y' in f else None
+        if x is None or x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
+            raise ValueError(f'--data {path}: expected an array x, uint8 (N, H, W, 3)')
+        if y is not None and y.shape != (len(x),):
+            raise ValueError(f'--data {path}: y has shape {y.shape}, expected ({len(x)},)')
+        self.x = torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+        self.labels = y if y is not None else np.full(len(x), -1, np.int64)
+        self.num_classes = int(self.labels.max()) + 1 if y is not None else 0
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i].float() / 255  # (3, H, W) in [0, 1]
+        if x.shape[1:] != (self.resolution, self.resolution):
+            x = F.interpolate(x[None], size=(self.resolution,) * 2, mode='bilinear',
+                              antialias=True, align_corners=False)[0].clamp(0, 1)
+        return x, int(self.labels[i])
+
+
+def make_dataset(cfg: Config, augment: bool = True) -> Dataset:
+    """The data set named by cfg.data; `augment=False` gives the central crop of folder images."""
+    if cfg.data == 'shapes':
+        return ShapesDataset(cfg.num_images, cfg.resolution, cfg.seed)
+    if os.path.isdir(cfg.data):
+        return FolderDataset(cfg.data, cfg.resolution, augment, cfg.skip_bad_images)
+    if cfg.data.endswith('.npz') and os.path.isfile(cfg.data):
+        return NpzDataset(cfg.data, cfg.resolution)
+    raise ValueError(f'--data {cfg.data}: not "shapes", an image folder or an existing .npz file')
+
+
+def select_labeled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The labeled k%: round(fraction * n_c) images drawn at random within each class c (at least
+    one per class), from the seed. Images with label -1 are never selected. Returns a bool mask.
+
+    Example: labels [0,0,0,0,0,0,0,0,0,0, 1,1,1], fraction 0.2 -> two of the ten 0s and one of
+    the three 1s (0.6 rounds to 1) are True; the same seed always picks the same ones."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f'--labeled-fraction must be in (0, 1], got {fraction}')
+    rng = np.random.default_rng(seed)
+    labeled = np.zeros(len(labels), bool)
+    for c in np.unique(labels[labels >= 0]):
+        idx = np.flatnonzero(labels == c)
+        n = max(1, math.floor(fraction * len(idx) + 0.5))  # round half up, at least one
+        labeled[rng.choice(idx, n, replace=False)] = True
+    return labeled
+
+
+def save_labels(path: str, labels: np.ndarray, labeled: np.ndarray, accuracy: Optional[float],
+                method: str) -> None:
+    """labels.npz (SPEC B3): `labels` int64 and `labeled` bool in dataset order, `accuracy` on
+    the unlabeled images (NaN when the true labels are unknown), and the method that made it."""
+    tmp = path + '.tmp.npz'  # written then renamed, so a killed run leaves no half file
+    np.savez(tmp, labels=labels.astype(np.int64), labeled=labeled.astype(bool),
+             accuracy=np.float64('nan' if accuracy is None else accuracy), method=method)
+    os.replace(tmp, path)
+
+
+def load_labels(path: str) -> tuple:
+    """-> (labels int64 (N,), labeled bool (N,), accuracy or None, method)."""
+    with np.load(path) as f:
+        acc = float(f['accuracy'])
+        return (f['labels'].astype(np.int64), f['labeled'].astype(bool),
+                None if math.isnan(acc) else acc, str(f['method']))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotation pretraining and label inference (SPEC A3, B3; not in the official code)
+# ----------------------------------------------------------------------------------------------
+
+def all_rotations(x: torch.Tensor) -> tuple:
+    """Every image in all four rotations, for the rotation loss of the label stage.
+
+    (B, C, H, W) -> x_rot (4B, C, H, W), rot_labels (4B,): k quarter-turns counter-clockwise,
+    np.rot90 convention (SPEC A2). Example with B = 2: rot_labels = [0, 0, 1, 1, 2, 2, 3, 3]."""
+    x_rot = torch.cat([torch.rot90(x, k, (2, 3)) for k in range(NUM_ROTATIONS)])
+    rot_labels = torch.arange(NUM_ROTATIONS, device=x.device).repeat_interleave(len(x))
+    return x_rot, rot_labels
+
+
+def label_stage_defaults(resolution: int) -> tuple:
+    """(pretrain steps, ResNet widths) for a resolution: a stride-2 stem, then one stride-2
+    block per halving down to 4x4. NOTE (deviation): the paper used a ResNet-50 at 128x128;
+    ours is a small BatchNorm ResNet so that the 32x32 demo's label stage takes minutes on a CPU."""
+    widths = tuple(min(32 * 2 ** i, 512) for i in range(int(math.log2(resolution)) - 2))
+    steps = {32: 800, 64: 4000, 128: 20000}.get(resolution, 40000)
+    return steps, widths
+
+
+class ResBlock(nn.Module):
+    """Pre-activation ResNet block (He et al. 2016) that halves the resolution."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(in_ch), nn.BatchNorm2d(out_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1, stride=2, bias=False)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(x))
+        return self.skip(h) + self.conv2(F.relu(self.bn2(self.conv1(h))))
+
+
+class FeatureNet(nn.Module):
+    """The label stage's feature extractor: ResNet with BatchNorm, no spectral norm (SPEC B3),
+    with a rotation head (4 logits) and, for S4L, a linear class head."""
+
+    def __init__(self, widths: tuple, num_classes: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False)
+        self.blocks = nn.Sequential(*[ResBlock(a, b) for a, b in zip(widths, widths[1:])])
+        self.bn = nn.BatchNorm2d(widths[-1])
+        self.rot_head = nn.Linear(widths[-1], NUM_ROTATIONS)
+        self.cls_head = nn.Linear(widths[-1], num_classes) if num_classes else None
+
+    def forward(self, x):  # (B, 3, R, R) in [0, 1] -> h (B, C), the pooled features
+        h = self.blocks(self.stem(x * 2 - 1))  # (B, C, 4, 4)
+        return F.relu(self.bn(h)).mean((2, 3))
+
+
+def _endless(ds: Dataset, batch_size: int, cfg: Config):
+    """Shuffled batches forever (a new order each pass), seeded from cfg.seed."""
+    loader = DataLoader(ds, min(batch_size, len(ds)), shuffle=True, drop_last=True,
+                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    while True:
+        yield from loader
+
+
+def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, steps: int,
+             widths: tuple, device: torch.device) -> FeatureNet:
+    """Rotation self-supervision on all images (Gidaris et al. 2018); with num_classes > 0 also
+    a linear classifier on the labeled images: S4L-Rotation (Zhai et al. 2019),
+    L = L_rot(all images, 4 rotations each) + L_CE(labeled images, upright)."""
+    net = FeatureNet(widths, num_classes).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.pretrain_lr, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)
+    warmup = max(1, steps // 20)  # a short linear warm-up, then cosine decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    # pretrain_batch_size counts the rotated images: B/4 images in 4 rotations, plus for S4L
+    # B/4 labeled images in 4 rotations (class loss on their upright copies).
+    n = max(1, cfg.pretrain_batch_size // NUM_ROTATIONS)
+    images = _endless(ds, n, cfg)
+    labeled_images = _endless(torch.utils.data.Subset(ds, np.flatnonzero(labeled)), n, cfg)
+    net.train()
+    t0, log_every = time.time(), max(1, steps // 10)
+    for step in range(1, steps + 1):
+        x = next(images)[0].to(device)  # (n, 3, R, R) in [0, 1]
+        if num_classes:
+            x_lab, y_lab = (t.to(device) for t in next(labeled_images))
+            x = torch.cat([x_lab, x])  # the labeled images come first, see cls_logits below
+        x_rot, rot_labels = all_rotations(x)  # (4n or 8n, 3, R, R), rotation 0 first
+        h = net(x_rot)
+        rot_logits = net.rot_head(h)
+        loss_rot = F.cross_entropy(rot_logits, rot_labels)
+        loss_cls = torch.zeros((), device=device)
+        if num_classes:
+            cls_logits = net.cls_head(h[:len(y_lab)])  # the labeled images, upright
+            loss_cls = F.cross_entropy(cls_logits, y_lab)
+        loss = loss_rot + loss_cls
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps:  # the only host syncs of the loop
+            rot_acc = (rot_logits.argmax(1) == rot_labels).float().mean()
+            line = (f'pretrain {step:>6}/{steps}  loss_rot {loss_rot.item():.3f}  '
+                    f'rot_acc {rot_acc.item():.3f}')
+            if num_classes:
+                cls_acc = (cls_logits.argmax(1) == y_lab).float().mean()
+                line += f'  loss_cls {loss_cls.item():.3f}  cls_acc {cls_acc.item():.3f}'
+            print(f'{line}  {time.time() - t0:.0f}s', flush=True)
+    return net
+
+
+@torch.no_grad()
+def extract_features(net: FeatureNet, ds: Dataset, device: torch.device, cfg: Config) -> tuple:
+    """-> h (N, C) pooled features and cls_logits (N, K) or None, in dataset order, on device."""
+    net.eval()  # BN running statistics: features do not depend on the batch
+    hs, logits = [], []
+    for x, _ in DataLoader(ds, 256, num_workers=cfg.num_workers):
+        h = net(x.to(device))
+        hs.append(h)
+        if net.cls_head is not None:
+            logits.append(net.cls_head(h))
+    return torch.cat(hs), (torch.cat(logits) if logits else None)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple:
+    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007), on x's device.
+
+    x (N, D) -> assignments (N,) int64 in [0, k), centroids (k, D). A fixed number of
+    iterations and no host syncs, so it runs the same on CPU, GPU and XLA."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    centroids = x[torch.randint(len(x), (1,), generator=g, device=x.device)]  # (1, D)
+    d2 = torch.cdist(x, centroids).squeeze(1) ** 2  # (N,) squared distance to nearest centroid
+    for _ in range(1, k):  # k-means++: the next centroid with probability proportional to d2
+        c = x[torch.multinomial(d2 + 1e-12, 1, generator=g)]
+        centroids = torch.cat([centroids, c])
+        d2 = torch.minimum(d2, torch.cdist(x, c).squeeze(1) ** 2)
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(1)  # (N,)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1).to(x.dtype)
+        # an empty cluster keeps its old centroid instead of becoming NaN
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return torch.cdist(x, centroids).argmin(1), centroids
+
+
+def cluster_accuracy(pred: np.ndarray, true: np.ndarray) -> float:
+    """Accuracy after the best one-to-one matching of predicted clusters to classes (Hungarian
+    algorithm). Example: pred [1,1,0,0,2], true [0,0,1,1,1] -> 1<->0, 0<->1, 2 unmatched: 0.8."""
+    from scipy.optimize import linear_sum_assignment  # lazily: only the label stage needs it
+    pred, true = np.asarray(pred, np.int64), np.asarray(true, np.int64)
+    counts = np.zeros((pred.max() + 1, true.max() + 1), np.int64)
+    np.add.at(counts, (pred, true), 1)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum() / len(pred))
+
+
+class InferredLabels(NamedTuple):
+    labels: np.ndarray          # (N,) int64: true label if labeled, else inferred (or cluster id)
+    labeled: np.ndarray         # (N,) bool: which labels are ground truth
+    accuracy: Optional[float]   # on the unlabeled images with a known label; None if unknown
+
+
+def infer_labels(cfg: Config) -> InferredLabels:
+    """The label stage (SPEC B3): writes cfg.out/labels.npz and pretrain.pt, or reuses them.
+
+    s2gan/s3gan: S4L-Rotation classifier; hard argmax labels for the unlabeled images, true
+    labels for the labeled k%. clustering/clustering-ss: k-means on rotation features, no
+    labels used (labeled is all False); accuracy after matching clusters to classes."""
+    s4l = cfg.method in ('s2gan', 's3gan')
+    if not s4l and cfg.method not in ('clustering', 'clustering-ss'):
+        raise ValueError(f'--method {cfg.method}: label inference is not needed for this '
+                         f'method (only for s2gan, s3gan, clustering, clustering-ss)')
+    path = os.path.join(cfg.out, 'labels.npz')
+    ds = make_dataset(cfg)
+    if os.path.exists(path):
+        labels, labeled, accuracy, method = load_labels(path)
+        if len(labels) != len(ds) or (method in ('s2gan', 's3gan')) != s4l:
+            raise ValueError(f'{path} holds {method} labels for {len(labels)} images, not '
+                             f'{cfg.method} labels for {len(ds)}: remove it or pick another --out')
+        print(f'reusing {path} ({method}, accuracy {accuracy})')
+        return InferredLabels(labels, labeled, accuracy)
+    true = ds.labels
+    if s4l and ds.num_classes == 0:
+        raise ValueError(f'--method {cfg.method} needs some true labels; --data {cfg.data} has '
+                         f'none (use clustering)')
+    labeled = (select_labeled(true, cfg.labeled_fraction, cfg.seed) if s4l
+               else np.zeros(len(ds), bool))
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    steps, widths = label_stage_defaults(cfg.resolution)
+    steps = cfg.pretrain_steps or steps
+    num_classes = ds.num_classes if s4l else 0
+    print(f'label stage: {cfg.method} on {len(ds)} images ({labeled.sum()} labeled), '
+          f'{steps} steps on {device}', flush=True)
+    net = pretrain(cfg, ds, labeled, num_classes, steps, widths, device)
+    h, cls_logits = extract_features(net, make_dataset(cfg, augment=False), device, cfg)
+    if s4l:
+        labels = np.where(labeled, true, cls_logits.argmax(1).cpu().numpy())
+    else:
+        k = cfg.clusters or ds.num_classes or cfg.num_classes
+        # unit-length features: clusters by direction, as is usual for self-supervised features
+        labels = kmeans(F.normalize(h, dim=1), k, seed=cfg.seed)[0].cpu().numpy()
+    known = ~labeled & (true >= 0)
+    accuracy = None
+    if known.any():
+        accuracy = (float((labels[known] == true[known]).mean()) if s4l
+                    else cluster_accuracy(labels[known], true[known]))
+        print(f'label accuracy on {known.sum()} unlabeled images: {accuracy:.4f}')
+    os.makedirs(cfg.out, exist_ok=True)
+    torch.save({'widths': list(widths), 'num_classes': num_classes,
+                'net': net.state_dict()}, os.path.join(cfg.out, 'pretrain.pt'))
+    save_labels(path, labels, labeled, accuracy, cfg.method)
+    return InferredLabels(labels.astype(np.int64), labeled, accuracy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,6 +991,9 @@ def pick_device(name: str) -> torch.device:
             return torch.device('cpu')
     if name == 'xla':
         import torch_xla  # imported only when asked for
+        import torch_xla.runtime as xr
+        if xr.global_runtime_device_count() > 1 and not xr.is_spmd():
+            xr.use_spmd()   # every local core as one SPMD device; before any tensor touches it
         return torch_xla.device()
     if name not in ('cpu', 'cuda'):
         raise ValueError(f'--device: unknown device {name!r}; choose auto, cpu, cuda or xla')
@@ -599,9 +1034,8 @@ class Runtime:
         self.mesh = None
         if self.type == 'xla':
             import torch_xla.runtime as xr
-            if xr.global_runtime_device_count() > 1:
+            if xr.is_spmd():
                 import torch_xla.distributed.spmd as xs
-                xr.use_spmd()
                 n = xr.global_runtime_device_count()
                 self.mesh = xs.Mesh(np.arange(n), (n,), ('data',))
 
@@ -651,7 +1085,8 @@ class Runtime:
             state['cuda'] = torch.cuda.get_rng_state(self.device)
         if self.type == 'xla':
             import torch_xla.core.xla_model as xm
-            state['xla'] = torch.tensor(xm.get_rng_state(), dtype=torch.int64)
+            seed = xm.get_rng_state()   # a uint64: stored as the int64 with the same bits
+            state['xla'] = torch.tensor(seed - (1 << 64) if seed >= 1 << 63 else seed)
         return state
 
     def set_rng_state(self, state):
@@ -660,7 +1095,7 @@ class Runtime:
             torch.cuda.set_rng_state(state['cuda'], self.device)
         if 'xla' in state and self.type == 'xla':
             import torch_xla.core.xla_model as xm
-            xm.set_rng_state(int(state['xla']))
+            xm.set_rng_state(int(state['xla']) % (1 << 64))
 
     def barrier(self):
         if self.world > 1:
@@ -837,14 +1272,12 @@ def method_labels(cfg: Config, dataset, rt: Runtime):
                              f'subset from; {cfg.data} has none for some images')
         if rt.is_main and not os.path.exists(path):
             labeled = select_labeled(y, cfg.labeled_fraction, cfg.seed)
-            save_labels(path, np.where(labeled, y, -1), labeled, None)
-        rt.barrier()
-        return load_labels(path)['labels'], None
-    if rt.is_main:                                   # s2gan, s3gan, clustering(-ss)
+            save_labels(path, np.where(labeled, y, -1), labeled, None, cfg.method)
+    elif rt.is_main:                                 # s2gan, s3gan, clustering(-ss)
         infer_labels(cfg)
     rt.barrier()
-    result = load_labels(path)
-    return result['labels'], result.get('accuracy')
+    labels, _, accuracy, _ = load_labels(path)
+    return labels, accuracy
 
 
 def save_checkpoint(path: str, state: dict):
@@ -877,8 +1310,8 @@ def train(cfg: Config):
 
     rt.manual_seed(cfg.seed)
     G, D = build_models(cfg)
-    G, D = G.to(rt.device), D.to(rt.device)
-    G_ema = copy.deepcopy(G).eval()
+    G_ema = copy.deepcopy(G).eval()   # copied on the CPU: on XLA, copies of device tensors alias
+    G, D, G_ema = G.to(rt.device), D.to(rt.device), G_ema.to(rt.device)
     opt_G, opt_D = rt.adam(G.parameters(), cfg.lr_g, cfg), rt.adam(D.parameters(), cfg.lr_d, cfg)
     step, ckpt_path = 0, os.path.join(cfg.out, 'ckpt.pt')
     if os.path.exists(ckpt_path):
@@ -897,15 +1330,18 @@ def train(cfg: Config):
     grid_z = torch.randn(len(rows) * 8, cfg.z_dim, generator=grid_gen)
     grid_y = rows.repeat_interleave(8)
 
-    sums, count, first_bad = {}, 0, torch.full((), -1, device=rt.device)
+    # on the device, so that the step's graph is the same every step (no recompiles on XLA)
+    step_t, first_bad = torch.full((), step, device=rt.device), torch.full((), -1, device=rt.device)
+    sums, count = {}, 0
     t_start, t_log, good_step = time.time(), time.time(), step
     while step < cfg.steps:
         decay = 0.0 if step < cfg.ema_start else cfg.ema_decay    # EMA = copy before ema_start
         stats = train_step(models, (opt_G, opt_D), [next(batches) for _ in range(cfg.disc_iters)],
                            cfg, rt, decay)
         step += 1
+        step_t += 1
         ok = torch.isfinite(stats['loss_d']) & torch.isfinite(stats['loss_g'])
-        first_bad = torch.where(~ok & (first_bad < 0), step, first_bad)
+        first_bad = torch.where(~ok & (first_bad < 0), step_t, first_bad)
         sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
         count += 1
         rt.sync()
@@ -1106,11 +1542,10 @@ def main(argv=None):
             return demo()
         cfg = Config(**given)
         if args.command == 'infer-labels':
-            dataset = make_dataset(cfg)
-            infer_labels(with_data_classes(cfg, dataset))
+            infer_labels(cfg)
         else:
             train(cfg)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+    except (ValueError, OSError, TrainingDiverged) as e:
         print(f's3gan.py: error: {e}', file=sys.stderr)
         sys.exit(2)
 
