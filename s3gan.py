@@ -546,19 +546,18 @@ def rotate_batch(x, y, n: int):
 # Data (SPEC B4): item i = (image (3, R, R) float32 in [0, 1], label or -1)
 # ----------------------------------------------------------------------------------------------
 
-def _arc(cx, cy, r, a0, a1, n=12):
-    """Points of a circular arc from angle a0 to a1 (degrees), counter-clockwise if a1 > a0."""
+def _arc(cx, cy, r, a0, a1, n=12):   # points of a circular arc, angles in degrees
     t = np.radians(np.linspace(a0, a1, n))
     return list(zip(cx + r * np.cos(t), cy + r * np.sin(t)))
 
 
-def _box(x0, y0, x1, y1):  # an axis-aligned rectangle
+def _box(x0, y0, x1, y1):
     return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
 
 
-# The 10 classes of the embedded set, as polygons in [-1, 1]^2 with y pointing up. Each one has a
+# The 10 classes of the embedded set, as polygons in [-1, 1]^2 with y pointing up. Each has a
 # canonical "up" and none is a 90/180/270 degree rotation of another, so predicting the rotation
-# of an image requires recognising its shape, which is what makes the rotation features useful.
+# of an image requires recognising its shape: that is what makes the rotation features useful.
 SHAPES = {
     'triangle': [[(-1, -.9), (1, -.9), (0, .9)]],
     'house': [_box(-.7, -1, .7, .1), [(-1, .1), (1, .1), (0, 1)]],
@@ -571,65 +570,59 @@ SHAPES = {
     'stairs': [[(-1, -1), (1, -1), (1, 1), (.33, 1), (.33, .33), (-.33, .33), (-.33, -.33),
                 (-1, -.33)]],
     'table': [_box(-1, .6, 1, 1), _box(-.85, -1, -.5, .6), _box(.5, -1, .85, .6)],
-    # a disc minus a disc shifted right: outer arc on the left, inner arc back, opening right
-    'crescent': [_arc(0, 0, 1, 58, 302, 20) + _arc(.45, 0, .85, 276, 84, 16)],
+    'crescent': [_arc(0, 0, 1, 58, 302, 20) + _arc(.45, 0, .85, 276, 84, 16)],  # opens right
 }
 SHAPE_POLYGONS = [[np.array(p, np.float32) for p in polys] for polys in SHAPES.values()]
 
 
 def draw_shape(seed: int, index: int, resolution: int) -> np.ndarray:
-    """Image `index` of the embedded set: a pure function of (seed, index), uint8 (R, R, 3).
+    """Image `index` of the embedded set, uint8 (R, R, 3): a pure function of (seed, index).
 
-    The class is `index % 10`. Colour, size, aspect, position and a small tilt (+-12 degrees, so
-    "up" stays clear) are random; foreground and background colours are drawn independently of
-    the class, so colour statistics carry little about the class (a test checks this)."""
+    The class is index % 10. Colour, size, aspect, position and a small tilt (+-12 degrees, so
+    "up" stays clear) are random; the colours are drawn independently of the class, so colour
+    statistics say little about it (a test checks this)."""
     rng = np.random.default_rng((seed, index))
     u = rng.random(10)
     fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    if abs(fg @ (.3, .59, .11) - bg @ (.3, .59, .11)) < 60:  # keep the shape visible
+    if abs(fg @ (.3, .59, .11) - bg @ (.3, .59, .11)) < 60:         # keep the shape visible
         fg = 255 - bg
-    size = resolution * (.22 + .2 * u[0])  # half-width in pixels
+    size = resolution * (.22 + .2 * u[0])                           # half-width in pixels
     sx, sy = size * (.85 + .3 * u[1]), size * (.85 + .3 * u[2])
-    cx = size + (resolution - 2 * size) * u[3]
-    cy = size + (resolution - 2 * size) * u[4]
+    cx, cy = size + (resolution - 2 * size) * u[3], size + (resolution - 2 * size) * u[4]
     a = math.radians(24 * u[5] - 12)
     rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]], np.float32)
-    ss = 2  # draw at 2x and shrink: cheap anti-aliasing
-    img = Image.new('RGB', (resolution * ss, resolution * ss), tuple(bg.tolist()))
-    draw = ImageDraw.Draw(img)
+    img = Image.new('RGB', (2 * resolution,) * 2, tuple(bg.tolist()))   # 2x, then shrink:
+    draw = ImageDraw.Draw(img)                                          # cheap anti-aliasing
     for poly in SHAPE_POLYGONS[index % len(SHAPE_POLYGONS)]:
-        xy = (poly * (sx, -sy)) @ rot + (cx, cy)  # flip y: image rows grow downwards
-        draw.polygon([tuple(p) for p in (xy * ss).tolist()], fill=tuple(fg.tolist()))
-    x = np.asarray(img.reduce(ss), dtype=np.int16)
-    noise = rng.integers(-12, 13, x.shape, dtype=np.int16)  # mild sensor-like noise
-    return np.clip(x + noise, 0, 255).astype(np.uint8)
+        xy = (poly * (sx, -sy)) @ rot + (cx, cy)                    # image rows grow downwards
+        draw.polygon([tuple(p) for p in (xy * 2).tolist()], fill=tuple(fg.tolist()))
+    x = np.asarray(img.reduce(2), dtype=np.int16) + rng.integers(-12, 13, (resolution,) * 2 + (3,))
+    return np.clip(x, 0, 255).astype(np.uint8)                      # with mild sensor noise
 
 
-def _to_tensor(x: np.ndarray) -> torch.Tensor:  # uint8 (H, W, 3) -> (3, H, W) in [0, 1]
-    return torch.from_numpy(np.array(x)).permute(2, 0, 1).float() / 255
+def _to_tensor(x: np.ndarray) -> torch.Tensor:                      # (H, W, 3) uint8 -> (3, H, W)
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 255
 
 
 class ShapesDataset(Dataset):
     """The embedded procedural set (SPEC B4): 10 balanced classes drawn with PIL on demand."""
 
     def __init__(self, num_images: int, resolution: int, seed: int):
-        self.num_images, self.resolution, self.seed = num_images, resolution, seed
-        self.num_classes = len(SHAPES)
+        self.resolution, self.seed, self.num_classes = resolution, seed, len(SHAPES)
         self.labels = np.arange(num_images, dtype=np.int64) % self.num_classes
 
     def __len__(self):
-        return self.num_images
+        return len(self.labels)
 
     def __getitem__(self, i):
         return _to_tensor(draw_shape(self.seed, i, self.resolution)), int(self.labels[i])
 
 
 class BadImageError(ValueError):
-    """An image file PIL cannot decode (SPEC B4)."""
+    """An image file PIL cannot decode (SPEC B4). A DataLoader worker re-raises it with the whole
+    worker traceback as its message: keep our own last line, which names the file."""
 
     def __init__(self, message: str):
-        # A DataLoader worker re-raises this in the main process with the whole worker traceback
-        # as the message; keep only our own last line, which names the file.
         super().__init__(message.strip().splitlines()[-1].partition('BadImageError: ')[2]
                          or message)
 
@@ -638,11 +631,10 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 
 
 def random_square_crop(w: int, h: int, augment: bool) -> tuple:
-    """A square box (left, top, right, bottom) covering 50-100% of the area (SPEC A4), or the
-    central square when not augmenting. Uses torch's RNG so DataLoader workers differ.
-
-    NOTE (deviation): TF's sample_distorted_bounding_box falls back to the whole (non-square)
-    image when no square fits; we cap the side at the shorter edge instead."""
+    """A square (left, top, right, bottom) covering 50-100% of the area (SPEC A4), or the
+    central square without `augment`. torch's RNG, so that DataLoader workers differ.
+    NOTE (deviation): where no such square fits, TF takes the whole (non-square) image; we cap
+    the side at the shorter edge."""
     if not augment:
         s = min(w, h)
         return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
@@ -672,11 +664,11 @@ class FolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        for j in range(i, i + len(self.files)):  # with skip_bad, fall through to the next file
+        for j in range(i, i + len(self.files)):    # with skip_bad: the next readable file
             path = self.files[j % len(self.files)]
             try:
                 with Image.open(path) as img:
-                    img = img.convert('RGB')  # decodes fully: truncated files fail here
+                    img = img.convert('RGB')           # decodes fully: truncated files fail here
             except (OSError, SyntaxError, ValueError) as e:
                 if not self.skip_bad:
                     raise BadImageError(f'cannot read image {path}: {e}') from None
@@ -685,7 +677,7 @@ class FolderDataset(Dataset):
             box = random_square_crop(img.width, img.height, self.augment)
             img = img.resize((self.resolution,) * 2, Image.BILINEAR, box=box)
             return _to_tensor(np.asarray(img)), int(self.labels[j % len(self.files)])
-        raise BadImageError(f'--data {os.path.dirname(path)}: no readable image at all')
+        raise BadImageError(f'--data: no readable image in {len(self.files)} files')
 
 
 class NpzDataset(Dataset):
@@ -693,13 +685,12 @@ class NpzDataset(Dataset):
 
     def __init__(self, path: str, resolution: int):
         with np.load(path) as f:
-            x = f['x'] if 'x' in f else None
-            y = f['y'].astype(np.int64) if 'y' in f else None
+            x, y = f['x'] if 'x' in f else None, f['y'].astype(np.int64) if 'y' in f else None
         if x is None or x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
             raise ValueError(f'--data {path}: expected an array x, uint8 (N, H, W, 3)')
         if y is not None and y.shape != (len(x),):
             raise ValueError(f'--data {path}: y has shape {y.shape}, expected ({len(x)},)')
-        self.x = torch.from_numpy(x).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+        self.x = torch.from_numpy(x).permute(0, 3, 1, 2)               # (N, 3, H, W) uint8
         self.labels = y if y is not None else np.full(len(x), -1, np.int64)
         self.num_classes = int(self.labels.max()) + 1 if y is not None else 0
         self.resolution = resolution
@@ -708,10 +699,10 @@ class NpzDataset(Dataset):
         return len(self.x)
 
     def __getitem__(self, i):
-        x = self.x[i].float() / 255  # (3, H, W) in [0, 1]
+        x = self.x[i].float() / 255                                     # (3, H, W) in [0, 1]
         if x.shape[1:] != (self.resolution, self.resolution):
             x = F.interpolate(x[None], size=(self.resolution,) * 2, mode='bilinear',
-                              antialias=True, align_corners=False)[0].clamp(0, 1)
+                              antialias=True)[0].clamp(0, 1)
         return x, int(self.labels[i])
 
 
@@ -728,29 +719,25 @@ def make_dataset(cfg: Config, augment: bool = True) -> Dataset:
 
 def select_labeled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """The labeled k%: round(fraction * n_c) images drawn at random within each class c (at least
-    one per class), from the seed. Images with label -1 are never selected. Returns a bool mask.
+    one), from the seed; label -1 is never drawn. Returns a bool mask.
 
-    Example: labels [0,0,0,0,0,0,0,0,0,0, 1,1,1], fraction 0.2 -> two of the ten 0s and one of
-    the three 1s (0.6 rounds to 1) are True; the same seed always picks the same ones."""
+    Example: labels [0]*10 + [1]*3, fraction 0.2 -> two of the ten 0s and one of the three 1s
+    (0.6 rounds to 1) are True; the same seed always picks the same ones."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f'--labeled-fraction must be in (0, 1], got {fraction}')
-    rng = np.random.default_rng(seed)
-    labeled = np.zeros(len(labels), bool)
+    rng, labeled = np.random.default_rng(seed), np.zeros(len(labels), bool)
     for c in np.unique(labels[labels >= 0]):
         idx = np.flatnonzero(labels == c)
-        n = max(1, math.floor(fraction * len(idx) + 0.5))  # round half up, at least one
-        labeled[rng.choice(idx, n, replace=False)] = True
+        labeled[rng.choice(idx, max(1, math.floor(fraction * len(idx) + 0.5)), replace=False)] = True
     return labeled
 
 
-def save_labels(path: str, labels: np.ndarray, labeled: np.ndarray, accuracy: Optional[float],
-                method: str) -> None:
-    """labels.npz (SPEC B3): `labels` int64 and `labeled` bool in dataset order, `accuracy` on
-    the unlabeled images (NaN when the true labels are unknown), and the method that made it."""
-    tmp = path + '.tmp.npz'  # written then renamed, so a killed run leaves no half file
-    np.savez(tmp, labels=labels.astype(np.int64), labeled=labeled.astype(bool),
+def save_labels(path: str, labels, labeled, accuracy: Optional[float], method: str):
+    """labels.npz (SPEC B3): `labels` int64 and `labeled` bool in dataset order, `accuracy` on the
+    unlabeled images (NaN when unknown) and the method; written then renamed (atomic)."""
+    np.savez(path + '.tmp.npz', labels=labels.astype(np.int64), labeled=labeled.astype(bool),
              accuracy=np.float64('nan' if accuracy is None else accuracy), method=method)
-    os.replace(tmp, path)
+    os.replace(path + '.tmp.npz', path)
 
 
 def load_labels(path: str) -> tuple:
@@ -765,23 +752,12 @@ def load_labels(path: str) -> tuple:
 # Rotation pretraining and label inference (SPEC A3, B3; not in the official code)
 # ----------------------------------------------------------------------------------------------
 
-def all_rotations(x: torch.Tensor) -> tuple:
-    """Every image in all four rotations, for the rotation loss of the label stage.
-
-    (B, C, H, W) -> x_rot (4B, C, H, W), rot_labels (4B,): k quarter-turns counter-clockwise,
-    np.rot90 convention (SPEC A2). Example with B = 2: rot_labels = [0, 0, 1, 1, 2, 2, 3, 3]."""
-    x_rot = torch.cat([torch.rot90(x, k, (2, 3)) for k in range(NUM_ROTATIONS)])
-    rot_labels = torch.arange(NUM_ROTATIONS, device=x.device).repeat_interleave(len(x))
-    return x_rot, rot_labels
-
-
 def label_stage_defaults(resolution: int) -> tuple:
-    """(pretrain steps, ResNet widths) for a resolution: a stride-2 stem, then one stride-2
-    block per halving down to 4x4. NOTE (deviation): the paper used a ResNet-50 at 128x128;
-    ours is a small BatchNorm ResNet so that the 32x32 demo's label stage takes minutes on a CPU."""
+    """(pretrain steps, ResNet widths): a stride-2 stem, then one stride-2 block per halving
+    down to 4x4. NOTE (deviation): the paper used a ResNet-50 at 128x128; ours is a small
+    BatchNorm ResNet, so that the 32x32 demo's label stage takes a minute on a CPU."""
     widths = tuple(min(32 * 2 ** i, 512) for i in range(int(math.log2(resolution)) - 2))
-    steps = {32: 800, 64: 4000, 128: 20000}.get(resolution, 40000)
-    return steps, widths
+    return {32: 800, 64: 4000, 128: 20000}.get(resolution, 40000), widths
 
 
 class ResBlock(nn.Module):
@@ -800,8 +776,8 @@ class ResBlock(nn.Module):
 
 
 class FeatureNet(nn.Module):
-    """The label stage's feature extractor: ResNet with BatchNorm, no spectral norm (SPEC B3),
-    with a rotation head (4 logits) and, for S4L, a linear class head."""
+    """The label stage's feature extractor: a ResNet with BatchNorm, no spectral norm (SPEC B3),
+    a rotation head (4 logits) and, for S4L, a linear class head."""
 
     def __init__(self, widths: tuple, num_classes: int):
         super().__init__()
@@ -811,8 +787,8 @@ class FeatureNet(nn.Module):
         self.rot_head = nn.Linear(widths[-1], NUM_ROTATIONS)
         self.cls_head = nn.Linear(widths[-1], num_classes) if num_classes else None
 
-    def forward(self, x):  # (B, 3, R, R) in [0, 1] -> h (B, C), the pooled features
-        h = self.blocks(self.stem(x * 2 - 1))  # (B, C, 4, 4)
+    def forward(self, x):                        # (B, 3, R, R) in [0, 1] -> h (B, C), pooled
+        h = self.blocks(self.stem(x * 2 - 1))    # (B, C, 4, 4)
         return F.relu(self.bn(h)).mean((2, 3))
 
 
@@ -826,63 +802,45 @@ def _endless(ds: Dataset, batch_size: int, cfg: Config):
 
 
 def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, steps: int,
-             widths: tuple, device: torch.device) -> FeatureNet:
-    """Rotation self-supervision on all images (Gidaris et al. 2018); with num_classes > 0 also
-    a linear classifier on the labeled images: S4L-Rotation (Zhai et al. 2019),
+             widths: tuple, device) -> FeatureNet:
+    """Rotation self-supervision on all images (Gidaris et al. 2018), plus with num_classes > 0
+    a linear classifier on the labeled ones: S4L-Rotation (Zhai et al. 2019),
     L = L_rot(all images, 4 rotations each) + L_CE(labeled images, upright)."""
     net = FeatureNet(widths, num_classes).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.pretrain_lr, momentum=0.9, nesterov=True,
                           weight_decay=5e-4)
-    warmup = max(1, steps // 20)  # a short linear warm-up, then cosine decay to 0
+    warmup = max(1, steps // 20)                  # a short linear warm-up, then cosine to 0
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    # pretrain_batch_size counts the rotated images: B/4 images in 4 rotations, plus for S4L
-    # B/4 labeled images in 4 rotations (class loss on their upright copies).
+    # pretrain_batch_size counts rotated images: B/4 images in 4 rotations (and for S4L as many
+    # labeled ones, whose upright copies also get the class loss)
     n = max(1, cfg.pretrain_batch_size // NUM_ROTATIONS)
     images = _endless(ds, n, cfg)
     labeled_images = _endless(torch.utils.data.Subset(ds, np.flatnonzero(labeled)), n, cfg)
-    net.train()
     t0, log_every = time.time(), max(1, steps // 10)
     for step in range(1, steps + 1):
-        x = next(images)[0].to(device)  # (n, 3, R, R) in [0, 1]
+        x = next(images)[0].to(device)                                  # (n, 3, R, R)
         if num_classes:
             x_lab, y_lab = (t.to(device) for t in next(labeled_images))
-            x = torch.cat([x_lab, x])  # the labeled images come first, see cls_logits below
-        x_rot, rot_labels = all_rotations(x)  # (4n or 8n, 3, R, R), rotation 0 first
+            x = torch.cat([x_lab, x])                                   # labeled images first
+        x_rot, _, rot_labels = rotate_batch(x, torch.zeros(len(x)), len(x))   # all 4 rotations
         h = net(x_rot)
         rot_logits = net.rot_head(h)
-        loss_rot = F.cross_entropy(rot_logits, rot_labels)
-        loss_cls = torch.zeros((), device=device)
+        loss = loss_rot = F.cross_entropy(rot_logits, rot_labels)
         if num_classes:
-            cls_logits = net.cls_head(h[:len(y_lab)])  # the labeled images, upright
-            loss_cls = F.cross_entropy(cls_logits, y_lab)
-        loss = loss_rot + loss_cls
+            cls_logits = net.cls_head(h[:len(y_lab)])                   # labeled, upright
+            loss = loss + F.cross_entropy(cls_logits, y_lab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if step % log_every == 0 or step == steps:  # the only host syncs of the loop
-            rot_acc = (rot_logits.argmax(1) == rot_labels).float().mean()
-            line = (f'pretrain {step:>6}/{steps}  loss_rot {loss_rot.item():.3f}  '
-                    f'rot_acc {rot_acc.item():.3f}')
+        if step % log_every == 0 or step == steps:                      # the only host syncs
+            line = (f'pretrain {step:>6}/{steps}  loss_rot {loss_rot.item():.3f}  rot_acc '
+                    f'{(rot_logits.argmax(1) == rot_labels).float().mean().item():.3f}')
             if num_classes:
-                cls_acc = (cls_logits.argmax(1) == y_lab).float().mean()
-                line += f'  loss_cls {loss_cls.item():.3f}  cls_acc {cls_acc.item():.3f}'
+                line += f'  cls_acc {(cls_logits.argmax(1) == y_lab).float().mean().item():.3f}'
             print(f'{line}  {time.time() - t0:.0f}s', flush=True)
     return net
-
-
-@torch.no_grad()
-def extract_features(net: FeatureNet, ds: Dataset, device: torch.device, cfg: Config) -> tuple:
-    """-> h (N, C) pooled features and cls_logits (N, K) or None, in dataset order, on device."""
-    net.eval()  # BN running statistics: features do not depend on the batch
-    hs, logits = [], []
-    for x, _ in DataLoader(ds, 256, num_workers=cfg.num_workers):
-        h = net(x.to(device))
-        hs.append(h)
-        if net.cls_head is not None:
-            logits.append(net.cls_head(h))
-    return torch.cat(hs), (torch.cat(logits) if logits else None)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple:
@@ -891,25 +849,24 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple:
     x (N, D) -> assignments (N,) int64 in [0, k), centroids (k, D). A fixed number of
     iterations and no host syncs, so it runs the same on CPU, GPU and XLA."""
     g = torch.Generator(device=x.device).manual_seed(seed)
-    centroids = x[torch.randint(len(x), (1,), generator=g, device=x.device)]  # (1, D)
-    d2 = torch.cdist(x, centroids).squeeze(1) ** 2  # (N,) squared distance to nearest centroid
-    for _ in range(1, k):  # k-means++: the next centroid with probability proportional to d2
+    centroids = x[torch.randint(len(x), (1,), generator=g, device=x.device)]   # (1, D)
+    d2 = torch.cdist(x, centroids).squeeze(1) ** 2     # squared distance to the nearest centroid
+    for _ in range(1, k):                # k-means++: next centroid with probability ~ d2
         c = x[torch.multinomial(d2 + 1e-12, 1, generator=g)]
         centroids = torch.cat([centroids, c])
         d2 = torch.minimum(d2, torch.cdist(x, c).squeeze(1) ** 2)
     for _ in range(iters):
-        assign = torch.cdist(x, centroids).argmin(1)  # (N,)
+        assign = torch.cdist(x, centroids).argmin(1)                    # (N,)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).unsqueeze(1).to(x.dtype)
-        # an empty cluster keeps its old centroid instead of becoming NaN
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # empty: keep
     return torch.cdist(x, centroids).argmin(1), centroids
 
 
 def cluster_accuracy(pred: np.ndarray, true: np.ndarray) -> float:
-    """Accuracy after the best one-to-one matching of predicted clusters to classes (Hungarian
-    algorithm). Example: pred [1,1,0,0,2], true [0,0,1,1,1] -> 1<->0, 0<->1, 2 unmatched: 0.8."""
-    from scipy.optimize import linear_sum_assignment  # lazily: only the label stage needs it
+    """Accuracy after the best one-to-one matching of clusters to classes (Hungarian).
+    Example: pred [1,1,0,0,2], true [0,0,1,1,1] -> 1<->0, 0<->1, 2 unmatched: 0.8."""
+    from scipy.optimize import linear_sum_assignment   # lazily: only the label stage needs it
     pred, true = np.asarray(pred, np.int64), np.asarray(true, np.int64)
     counts = np.zeros((pred.max() + 1, true.max() + 1), np.int64)
     np.add.at(counts, (pred, true), 1)
@@ -918,7 +875,7 @@ def cluster_accuracy(pred: np.ndarray, true: np.ndarray) -> float:
 
 
 class InferredLabels(NamedTuple):
-    labels: np.ndarray          # (N,) int64: true label if labeled, else inferred (or cluster id)
+    labels: np.ndarray          # (N,) int64: the true label if labeled, else inferred (cluster)
     labeled: np.ndarray         # (N,) bool: which labels are ground truth
     accuracy: Optional[float]   # on the unlabeled images with a known label; None if unknown
 
@@ -926,15 +883,14 @@ class InferredLabels(NamedTuple):
 def infer_labels(cfg: Config) -> InferredLabels:
     """The label stage (SPEC B3): writes cfg.out/labels.npz and pretrain.pt, or reuses them.
 
-    s2gan/s3gan: S4L-Rotation classifier; hard argmax labels for the unlabeled images, true
-    labels for the labeled k%. clustering/clustering-ss: k-means on rotation features, no
-    labels used (labeled is all False); accuracy after matching clusters to classes."""
+    s2gan/s3gan: the S4L classifier's hard argmax labels for the unlabeled images, the true
+    labels for the labeled k%. clustering(-ss): k-means on the rotation features, no labels used
+    (labeled all False); accuracy after matching clusters to classes."""
     s4l = cfg.method in ('s2gan', 's3gan')
     if not s4l and cfg.method not in ('clustering', 'clustering-ss'):
         raise ValueError(f'--method {cfg.method}: label inference is not needed for this '
                          f'method (only for s2gan, s3gan, clustering, clustering-ss)')
-    path = os.path.join(cfg.out, 'labels.npz')
-    ds = make_dataset(cfg)
+    path, ds = os.path.join(cfg.out, 'labels.npz'), make_dataset(cfg)
     if os.path.exists(path):
         labels, labeled, accuracy, method = load_labels(path)
         if len(labels) != len(ds) or (method in ('s2gan', 's3gan')) != s4l:
@@ -946,32 +902,30 @@ def infer_labels(cfg: Config) -> InferredLabels:
     if s4l and ds.num_classes == 0:
         raise ValueError(f'--method {cfg.method} needs some true labels; --data {cfg.data} has '
                          f'none (use clustering)')
-    labeled = (select_labeled(true, cfg.labeled_fraction, cfg.seed) if s4l
-               else np.zeros(len(ds), bool))
+    labeled = select_labeled(true, cfg.labeled_fraction, cfg.seed) if s4l else np.zeros(len(ds), bool)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     steps, widths = label_stage_defaults(cfg.resolution)
-    steps = cfg.pretrain_steps or steps
-    num_classes = ds.num_classes if s4l else 0
+    steps, num_classes = cfg.pretrain_steps or steps, ds.num_classes if s4l else 0
     print(f'label stage: {cfg.method} on {len(ds)} images ({labeled.sum()} labeled), '
           f'{steps} steps on {device}', flush=True)
-    net = pretrain(cfg, ds, labeled, num_classes, steps, widths, device)
-    h, cls_logits = extract_features(net, make_dataset(cfg, augment=False), device, cfg)
+    net = pretrain(cfg, ds, labeled, num_classes, steps, widths, device).eval()
+    with torch.no_grad():        # features in eval mode: independent of the batch
+        loader = DataLoader(make_dataset(cfg, augment=False), 256, num_workers=cfg.num_workers)
+        h = torch.cat([net(x.to(device)) for x, _ in loader])          # (N, C)
     if s4l:
-        labels = np.where(labeled, true, cls_logits.argmax(1).cpu().numpy())
-    else:
+        labels = np.where(labeled, true, net.cls_head(h).argmax(1).cpu().numpy())
+    else:   # unit-length features: clusters by direction, as usual for self-supervised features
         k = cfg.clusters or ds.num_classes or cfg.num_classes
-        # unit-length features: clusters by direction, as is usual for self-supervised features
         labels = kmeans(F.normalize(h, dim=1), k, seed=cfg.seed)[0].cpu().numpy()
-    known = ~labeled & (true >= 0)
-    accuracy = None
+    known, accuracy = ~labeled & (true >= 0), None
     if known.any():
         accuracy = (float((labels[known] == true[known]).mean()) if s4l
                     else cluster_accuracy(labels[known], true[known]))
         print(f'label accuracy on {known.sum()} unlabeled images: {accuracy:.4f}')
     os.makedirs(cfg.out, exist_ok=True)
-    torch.save({'widths': list(widths), 'num_classes': num_classes,
-                'net': net.state_dict()}, os.path.join(cfg.out, 'pretrain.pt'))
+    torch.save({'widths': list(widths), 'num_classes': num_classes, 'net': net.state_dict()},
+               os.path.join(cfg.out, 'pretrain.pt'))
     save_labels(path, labels, labeled, accuracy, cfg.method)
     return InferredLabels(labels.astype(np.int64), labeled, accuracy)
 
@@ -1068,7 +1022,10 @@ class Runtime:
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     def adam(self, params, lr, cfg):
-        # fused Adam on CUDA, foreach elsewhere: one kernel (or a few) per step, not one per tensor
+        # fused Adam on CUDA, foreach elsewhere: one kernel (or a few) per step, not one per tensor.
+        # XLA compiles the step twice, once: Adam creates its state in step 1 and keeps its step
+        # count on the host, and in step 1 G's and D's bias corrections are equal (XLA merges
+        # equal scalar inputs). From step 2 on the graph stays the same (test_xla_*).
         kind = dict(fused=True) if self.type == 'cuda' else dict(foreach=True)
         return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                 **kind)
@@ -1123,7 +1080,13 @@ def ema_update(G_ema, G, decay: float):
 
     The power-iteration vectors u are copied: compare_gan's EMA generator reads G's own u.
     """
-    torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1.0 - decay)
+    ema, weight = list(G_ema.parameters()), 1.0 - decay
+    if ema[0].device.type == 'xla':   # XLA bakes the scalar 1.0 (decay 0) into the graph and
+        # merges equal scalar inputs: the switch at ema_start would recompile the step. A tensor
+        # sent as 1 element is always its own input. A list: one 0-dim tensor would take the
+        # Scalar overload and call .item().
+        weight = [torch.tensor([weight]).to(ema[0].device)[0]] * len(ema)
+    torch._foreach_lerp_(ema, list(G.parameters()), weight)
     u_ema = [b for name, b in G_ema.named_buffers() if name.endswith('.u')]
     u = [b for name, b in G.named_buffers() if name.endswith('.u')]
     torch._foreach_copy_(u_ema, u)
@@ -1420,7 +1383,6 @@ def generate(G, z, y, cfg: Config, rt: Runtime, refresh: bool = True):
 
 def save_grid(x, rows: int, path: str):
     """Save images (N, 3, R, R) in [0, 1] as one PNG with `rows` rows."""
-    from PIL import Image
     N, _, R, _ = x.shape
     cols = N // rows
     grid = x[:rows * cols].view(rows, cols, 3, R, R).permute(0, 3, 1, 4, 2).reshape(
@@ -1447,7 +1409,7 @@ def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
     model = fid.load_inception(device=rt.device)
     images = (torch.from_numpy(x).permute(0, 3, 1, 2) for x, _ in
               generate_uint8(G, cfg.fid_samples, cfg, rt, seed=cfg.seed + 7))
-    mu, sigma = fid.compute_statistics(images, model, device=rt.device)
+    mu, sigma = fid.compute_statistics(images, model)
     return float(fid.frechet_distance(mu, sigma, ref['mu'], ref['sigma']))
 
 
@@ -1475,7 +1437,6 @@ def sample(out: str, num: int, to: str, device: str = 'auto', batch_size: int = 
         os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
         np.savez(to, x=x, y=y)
     else:
-        from PIL import Image
         os.makedirs(to, exist_ok=True)
         for i, (img, label) in enumerate(zip(x, y)):
             Image.fromarray(img).save(os.path.join(to, f'{i:06d}_class{label:04d}.png'))
@@ -1487,9 +1448,9 @@ def sample(out: str, num: int, to: str, device: str = 'auto', batch_size: int = 
 # ----------------------------------------------------------------------------------------------
 
 # The embedded demo: S3GAN with 10% labels on the shapes set at 32x32, small enough for a laptop.
-DEMO = dict(method='s3gan', data='shapes', resolution=32, ch=32, batch_size=64, steps=1000,
+DEMO = dict(method='s3gan', data='shapes', resolution=32, ch=16, batch_size=64, steps=1000,
             num_images=5000, labeled_fraction=0.1, out='runs/demo', log_every=100,
-            sample_every=500, ckpt_every=250, standing_batches=20)
+            sample_every=250, ckpt_every=250, standing_batches=20, num_workers=1)
 
 
 def with_data_classes(cfg: Config, dataset) -> Config:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import fid
 import s3gan
-from s3gan import (BadImageError, Config, FeatureNet, all_rotations, cluster_accuracy,
+from s3gan import (BadImageError, Config, FeatureNet, cluster_accuracy,
                    draw_shape, infer_labels, kmeans, load_labels, make_dataset, save_labels,
                    select_labeled)
 
@@ -252,7 +252,7 @@ def test_data_shapes_colour_does_not_give_away_the_class():
 
 def test_labels_all_rotations_layout():
     x = torch.arange(2 * 4.).reshape(2, 1, 2, 2)
-    x_rot, rot_labels = all_rotations(x)
+    x_rot, _, rot_labels = s3gan.rotate_batch(x, torch.zeros(len(x)), len(x))
     assert rot_labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert torch.equal(x_rot[2:4], torch.rot90(x, 1, (2, 3)))
     assert np.array_equal(x_rot[3, 0].numpy(), np.rot90(x[1, 0].numpy(), 1))
@@ -379,7 +379,7 @@ def test_labels_rotation_pretraining_predicts_rotations(short_run):
     net.eval()
     x = torch.stack([make_dataset(Config(num_images=1200, resolution=32))[i][0]
                      for i in range(1000, 1200)])  # images the network never saw
-    x_rot, rot_labels = all_rotations(x)
+    x_rot, _, rot_labels = s3gan.rotate_batch(x, torch.zeros(len(x)), len(x))
     with torch.no_grad():
         rot_acc = (net.rot_head(net(x_rot)).argmax(1) == rot_labels).float().mean().item()
     assert rot_acc >= 0.7, rot_acc  # chance 0.25; measured 0.806
@@ -537,6 +537,20 @@ def test_sample_writes_what_fid_reads(tmp_path):
         assert mu.shape == (2048,) and logits.shape == (n, 1008)
 
 
+def test_fid_during_training_is_logged(tmp_path, monkeypatch):
+    model, seen = fid.InceptionFID().eval(), []          # random weights: the plumbing only
+    monkeypatch.setattr(fid, 'load_inception', lambda weights=None, device='cpu': model)
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *a: seen.append(a) or 12.5)
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.eye(2048))
+    cfg = train_cfg(tmp_path, method='biggan', steps=2, fid_stats=str(tmp_path / 'ref.npz'),
+                    fid_every=2, fid_samples=6)
+    s3gan.train(cfg)
+    mu, sigma = seen[0][:2]
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.isfinite(sigma).all()
+    log = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
+    assert {'step': 2, 'fid': 12.5} in log
+
+
 @pytest.mark.parametrize('argv,message', [
     (['train', '--method', 'bigan'], "--method: unknown method 'bigan'"),
     (['train', '--labeled-fraction', '1.5'], '--labeled-fraction must be in (0, 1]'),
@@ -594,9 +608,10 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path):
     script = tmp_path / 'ddp.py'
     script.write_text(TWO_PROCESS_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                    '--nproc_per_node=2', str(script)], check=True, env=env, timeout=300)
+    for launcher in ([], ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']):
+        r = subprocess.run([sys.executable, *launcher, str(script)], env=env, timeout=300,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     one = torch.load(tmp_path / 'rank0_of1.pt')
     r0, r1 = torch.load(tmp_path / 'rank0_of2.pt'), torch.load(tmp_path / 'rank1_of2.pt')
     assert torch.allclose(torch.cat([r0['x'], r1['x']]), one['x'], atol=1e-5)   # global moments
@@ -813,3 +828,160 @@ def test_fid_script_entry_point_exits_cleanly(tmp_path):
                              str(tmp_path / 'b')], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.startswith('fid.py: error: no such file')
+
+
+# ----------------------------------------------------------------------------------------------
+# --device xla (SPEC B5): torch-xla's CPU backend. These tests run only where torch_xla imports
+# (CI's second environment: PJRT_DEVICE=CPU python -m pytest -q test_s3gan.py -k xla) and are
+# skipped elsewhere. They train s3gan-co a few steps at ch=4 through the real CLI. Keep them apart
+# from the CPU tests (-k xla): a backward pass run before torch_xla is imported leaves autograd's
+# engine without a queue for the XLA device (an INTERNAL ASSERT in the next XLA backward).
+# ----------------------------------------------------------------------------------------------
+XLA_ARGS = ['train', '--device', 'xla', '--method', 's3gan-co', '--resolution', '32', '--ch', '4',
+            '--batch-size', '8', '--num-workers', '0', '--labeled-fraction', '0.5',
+            '--sample-every', '1000', '--ckpt-every', '1000', '--standing-batches', '2']
+
+
+@pytest.fixture
+def xla(monkeypatch):
+    """torch_xla's metrics on PJRT's CPU backend, or a skip where torch_xla is not installed.
+
+    The environment is set before torch_xla starts its runtime, which reads it once per process.
+    Optimization level 0 makes CPU compiles ~5x faster, with the same numbers.
+    """
+    monkeypatch.setenv('PJRT_DEVICE', os.environ.get('PJRT_DEVICE', 'CPU'))
+    flags = os.environ.get('XLA_FLAGS', '')
+    if 'xla_backend_optimization_level' not in flags:
+        monkeypatch.setenv('XLA_FLAGS', (flags + ' --xla_backend_optimization_level=0').strip())
+    pytest.importorskip('torch_xla', reason='CI runs the XLA tests in their own environment')
+    import torch_xla.debug.metrics as met
+    return met
+
+
+def _xla_compiles(met):
+    data = met.metric_data('CompileTime')             # None before the first compilation
+    return data[0] if data else 0
+
+
+def _xla_fallbacks(met):
+    """aten:: counters are ops that ran on the CPU; .item() at a log point is the one allowed."""
+    return {name: met.counter_value(name) for name in met.counter_names()
+            if name.startswith('aten::') and name != 'aten::_local_scalar_dense'}
+
+
+def _log_rows(out):
+    with open(os.path.join(out, 'log.jsonl')) as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_xla_training_has_no_fallbacks_nor_recompiles_and_saves_a_cpu_checkpoint(
+        xla, precision, tmp_path, monkeypatch):
+    """Run A trains 4 steps, then run B trains 8 steps from scratch in the same process.
+
+    Warm-up allowed (all of it inside run A): step 1 compiles the step graph; step 2 compiles it
+    once more, because torch.optim.Adam creates its state at its first step and keeps its step
+    count on the host (G's and D's first bias corrections are equal, and XLA merges equal
+    scalar inputs); the log point compiles one small graph, and the end of the run (sample grid,
+    checkpoint) a few more. After that nothing may compile: run B's steps 1-4 and its end of run
+    are the same graphs as run A's, and its steps 5-8 (with the EMA switching on at step 6) must
+    reuse step 2's graph, so the compile count must not move during run B at all. Host syncs
+    (aten::_local_scalar_dense) may happen only at log points (every 2nd step).
+    """
+    met = xla
+    data = tiny_npz(tmp_path / 'data.npz')
+    seen = []                                        # (compiles, .item() count) after each step
+    sync = s3gan.Runtime.sync
+
+    def recording_sync(rt):
+        sync(rt)
+        seen.append((_xla_compiles(met), met.counter_value('aten::_local_scalar_dense') or 0))
+
+    monkeypatch.setattr(s3gan.Runtime, 'sync', recording_sync)
+    common = XLA_ARGS + ['--data', data, '--precision', precision, '--log-every', '2']
+    s3gan.main(common + ['--steps', '4', '--out', str(tmp_path / 'a')])
+    after_a, steps_a = _xla_compiles(met), seen[:]
+    seen.clear()
+    s3gan.main(common + ['--steps', '8', '--ema-start', '5', '--out', str(tmp_path / 'b')])
+
+    assert steps_a[1][0] - steps_a[0][0] <= 1 and steps_a[3][0] == steps_a[2][0], steps_a
+    compiles_b = [c for c, _ in seen]
+    assert compiles_b == [after_a] * 8, f'recompiled in run B (after run A: {after_a}): {seen}'
+    item_b = [n for _, n in seen]                    # read after each step's sync, before its log
+    assert all(item_b[k] == item_b[k - 1] for k in (1, 3, 5, 7)), f'host sync off a log: {seen}'
+    assert _xla_fallbacks(met) == {}
+
+    for out, steps in (('a', 4), ('b', 8)):
+        rows = _log_rows(tmp_path / out)
+        assert [r['step'] for r in rows] == list(range(2, steps + 1, 2))
+        losses = [r[k] for r in rows for k in r if k.startswith('loss_')]
+        assert {'loss_d', 'loss_g'} <= set(rows[0]) and np.isfinite(losses).all(), rows
+
+    ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', map_location='cpu', weights_only=True)
+    assert ckpt['step'] == 8
+    tensors = [t for key in ('G', 'G_ema', 'D') for t in ckpt[key].values()]
+    tensors += [t for key in ('opt_G', 'opt_D') for s in ckpt[key]['state'].values()
+                for t in s.values()]
+    assert all(t.device.type == 'cpu' and torch.isfinite(t).all() for t in tensors)
+    with open(tmp_path / 'b' / 'config.json') as fh:
+        cfg = Config(**dict(json.load(fh), device='cpu'))
+    G, D = s3gan.build_models(cfg)                   # the checkpoint fits the CPU models
+    G.load_state_dict(ckpt['G_ema']), D.load_state_dict(ckpt['D'])
+
+
+XLA_RUNNER = '''
+import json, sys
+import s3gan, torch_xla, torch_xla.runtime as xr, torch_xla.debug.metrics as met
+specs, compiles = [], []
+shard, sync = s3gan.Runtime.shard, s3gan.Runtime.sync
+def recording_shard(rt, x):
+    x = shard(rt, x)
+    specs.append(torch_xla._XLAC._get_xla_sharding_spec(x))
+    return x
+def recording_sync(rt):
+    sync(rt)
+    data = met.metric_data('CompileTime')
+    compiles.append(data[0] if data else 0)
+s3gan.Runtime.shard, s3gan.Runtime.sync = recording_shard, recording_sync
+s3gan.main(sys.argv[1:])                             # what `python s3gan.py ARGS` runs
+print('RESULT', json.dumps(dict(
+    devices=xr.global_runtime_device_count(), spmd=xr.is_spmd(), x_spec=specs[0],
+    compiles=compiles, fallbacks=[c for c in met.counter_names()
+                                  if c.startswith('aten::') and c != 'aten::_local_scalar_dense'])))
+'''
+
+
+def test_xla_data_parallel_over_two_devices_equals_one_device(xla, tmp_path):
+    """SPMD (torch-xla's recommended multi-core path) over 2 CPU devices, same global batch.
+
+    CPU_NUM_DEVICES must be set before the XLA runtime starts, so each run is its own process.
+    Both runs train the same 4 fp32 steps; their logged losses must agree to 1e-4 (the reduction
+    order differs). The 2-device run must have split each real batch over both devices, and it
+    must not recompile after the 2-step warm-up either.
+    """
+    data = tiny_npz(tmp_path / 'data.npz')
+    procs = {}
+    for n in (1, 2):                                 # both at once: ~20 s each, mostly compiling
+        env = dict(os.environ, CPU_NUM_DEVICES=str(n), OMP_NUM_THREADS='1')
+        argv = XLA_ARGS + ['--data', data, '--steps', '4', '--log-every', '1',
+                           '--ema-start', '2', '--out', str(tmp_path / f'dev{n}')]
+        procs[n] = subprocess.Popen([sys.executable, '-c', XLA_RUNNER, *argv], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = {}
+    for n, proc in procs.items():
+        output = proc.communicate(timeout=400)[0]
+        assert proc.returncode == 0, output[-3000:]
+        results[n] = json.loads(output.rsplit('RESULT ', 1)[1])
+    assert (results[1]['devices'], results[1]['spmd'], results[1]['x_spec']) == (1, False, '')
+    assert (results[2]['devices'], results[2]['spmd']) == (2, True)
+    assert results[2]['x_spec'].startswith('{devices=[2,1,1,1]'), results[2]['x_spec']
+    for n in (1, 2):
+        assert results[n]['fallbacks'] == []
+        compiles = results[n]['compiles']
+        assert compiles[1:] == [compiles[1]] * 3, f'{n} device(s) recompiled: {compiles}'
+    one, two = _log_rows(tmp_path / 'dev1'), _log_rows(tmp_path / 'dev2')
+    assert len(one) == len(two) == 4
+    for r1, r2 in zip(one, two):
+        for key in r1:
+            if key not in ('images_per_s', 'elapsed_s'):
+                assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-5), (key, r1, r2)
