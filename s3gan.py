@@ -14,12 +14,12 @@ the label-inference stage, which that repository leaves out, follows the paper.
     python fid.py samples.npz imagenet_val_stats.npz
 
 Paper -> code:
-    Sec. 3.1 label inference (S2GAN, CLUSTERING) ... infer_labels, kmeans, select_labeled
-    Sec. 3.2 co-training (S2GAN-CO) ................ Discriminator.classifier, mix_labels, class_loss
-    Sec. 3.3 self-supervision (S3GAN) .............. rotate_batch, Discriminator.rotation, rotation_loss
-    Sec. 4 BigGAN backbone ......................... Generator, GBlock, Discriminator, DBlock
-    Sec. 4 training (2 D steps, EMA, Adam) ......... train_step, ema_update, train
-    Sec. 4 evaluation (standing statistics, FID) ... standing_statistics, sample, fid.py
+    Sec. 3.1 label inference (S2GAN, CLUSTERING) infer_labels, kmeans, select_labeled
+    Sec. 3.2 co-training (S2GAN-CO) ........ Discriminator.classifier, mix_labels, class_loss
+    Sec. 3.3 self-supervision (S3GAN) ...... rotate_batch, Discriminator.rotation, rotation_loss
+    Sec. 4 BigGAN backbone ................. Generator, GBlock, Discriminator, DBlock
+    Sec. 4 training (2 D steps, EMA, Adam) . train_step, ema_update, train
+    Sec. 4 evaluation (standing stats, FID)  standing_statistics, sample, fid.py
 
 Deviations (each marked "NOTE (deviation)" where it happens): the G step feeds only fakes to D
 (compare_gan also feeds reals and discards their logits: same math); the label stage uses a
@@ -34,13 +34,14 @@ Exact parameter counts (asserted by the tests; equal to compare_gan's):
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -390,7 +391,7 @@ class DBlock(nn.Module):
         self.shortcut = SNConv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
         self.down = down
 
-    def forward(self, x):                                          # (B, a, H, W) -> (B, b, H/2, W/2)
+    def forward(self, x):                                 # (B, a, H, W) -> (B, b, H/2, W/2)
         h = self.conv2(F.relu(self.conv1(F.relu(x))))
         if self.down:
             h = F.avg_pool2d(h, 2)
@@ -728,7 +729,8 @@ def select_labeled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray
     rng, labeled = np.random.default_rng(seed), np.zeros(len(labels), bool)
     for c in np.unique(labels[labels >= 0]):
         idx = np.flatnonzero(labels == c)
-        labeled[rng.choice(idx, max(1, math.floor(fraction * len(idx) + 0.5)), replace=False)] = True
+        n = max(1, math.floor(fraction * len(idx) + 0.5))              # round half up
+        labeled[rng.choice(idx, n, replace=False)] = True
     return labeled
 
 
@@ -902,7 +904,8 @@ def infer_labels(cfg: Config) -> InferredLabels:
     if s4l and ds.num_classes == 0:
         raise ValueError(f'--method {cfg.method} needs some true labels; --data {cfg.data} has '
                          f'none (use clustering)')
-    labeled = select_labeled(true, cfg.labeled_fraction, cfg.seed) if s4l else np.zeros(len(ds), bool)
+    labeled = (select_labeled(true, cfg.labeled_fraction, cfg.seed) if s4l
+               else np.zeros(len(ds), bool))
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     steps, widths = label_stage_defaults(cfg.resolution)
@@ -1018,8 +1021,12 @@ class Runtime:
         if self.world == 1:
             return model
         ids = [self.device.index] if self.type == 'cuda' else None
-        # Buffers (the power-iteration vectors u) follow from the weights, equal everywhere.
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # Buffers (the vectors u) follow from the weights: synced once at the start, not per step
+        DDP = nn.parallel.DistributedDataParallel
+        sync = 'forward_sync_buffers'
+        if sync not in inspect.signature(DDP).parameters:
+            sync = 'broadcast_buffers'             # its name before torch 2.13
+        return DDP(model, device_ids=ids, **{sync: False})
 
     def adam(self, params, lr, cfg):
         # fused Adam on CUDA, foreach elsewhere: one kernel (or a few) per step, not one per tensor.
@@ -1271,16 +1278,17 @@ def train(cfg: Config):
             json.dump(dataclasses.asdict(cfg), fh, indent=1)
     y_real, label_acc = method_labels(cfg, dataset, rt)
 
-    rt.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)                 # the same initial weights in every process
     G, D = build_models(cfg)
     G_ema = copy.deepcopy(G).eval()   # copied on the CPU: on XLA, copies of device tensors alias
     G, D, G_ema = G.to(rt.device), D.to(rt.device), G_ema.to(rt.device)
+    rt.manual_seed(cfg.seed)                    # then each its own z and fake labels
     opt_G, opt_D = rt.adam(G.parameters(), cfg.lr_g, cfg), rt.adam(D.parameters(), cfg.lr_d, cfg)
     step, ckpt_path = 0, os.path.join(cfg.out, 'ckpt.pt')
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        for module, key in ((G, 'G'), (G_ema, 'G_ema'), (D, 'D'), (opt_G, 'opt_G'), (opt_D, 'opt_D')):
-            module.load_state_dict(ckpt[key])
+        for key, obj in dict(G=G, G_ema=G_ema, D=D, opt_G=opt_G, opt_D=opt_D).items():
+            obj.load_state_dict(ckpt[key])
         step = ckpt['step']
         rt.set_rng_state(ckpt['rng'][min(rt.rank, len(ckpt['rng']) - 1)])
         if rt.is_main:
@@ -1509,12 +1517,16 @@ def main(argv=None):
     except (ValueError, OSError, TrainingDiverged) as e:
         print(f's3gan.py: error: {e}', file=sys.stderr)
         sys.exit(2)
+    finally:
+        if torch.distributed.is_initialized():   # else gloo's threads abort the exit
+            torch.distributed.destroy_process_group()
 
 
 def demo():
     cfg = Config(**DEMO)
-    print(f'S3GAN demo: {cfg.method} on the embedded shapes set, {cfg.resolution}x{cfg.resolution}, '
-          f'{cfg.labeled_fraction:.0%} labels, {cfg.steps} G steps, output in {cfg.out}/')
+    print(f'S3GAN demo: {cfg.method} on the embedded shapes set, {cfg.resolution}x'
+          f'{cfg.resolution}, {cfg.labeled_fraction:.0%} labels, {cfg.steps} G steps, output in '
+          f'{cfg.out}/')
     t = time.time()
     result = train(cfg)
     print(f'\nDone in {(time.time() - t) / 60:.1f} min: label inference, then {result["step"]} G '
