@@ -1471,10 +1471,10 @@ def with_data_classes(cfg: Config, dataset) -> Config:
             raise ValueError(f'--num-classes {cfg.num_classes}: {cfg.data} has '
                              f'{dataset.num_classes} classes')
         return cfg
-    if not dataset.num_classes:
+    if not (dataset.num_classes or cfg.clusters):
         raise ValueError(f'--num-classes: {cfg.data} has no labels; say how many classes '
-                         f'(or clusters) to use')
-    return dataclasses.replace(cfg, num_classes=dataset.num_classes)
+                         f'(or --clusters) to use')
+    return dataclasses.replace(cfg, num_classes=dataset.num_classes or cfg.clusters)
 
 
 def config_parser(parser):
