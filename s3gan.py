@@ -5,7 +5,7 @@ Labels", ICML 2019 (arXiv:1903.02271). Networks, losses and hyper-parameters fol
 code, google/compare_gan (architectures/resnet_biggan.py, gans/s3gan.py), read line by line;
 the label-inference stage, which that repository leaves out, follows the paper.
 
-    python s3gan.py                                     # the demo: 32x32 shapes, CPU, ~10 min
+    python s3gan.py                                     # the demo: 32x32 shapes, ~9 min on a CPU
     python s3gan.py train --data /imagenet/train --resolution 128 --method s3gan \
         --labeled-fraction 0.1 --precision bf16 --out runs/s3gan128           # one GPU
     torchrun --nproc_per_node=8 s3gan.py train ...      # many GPUs (--batch-size is global)
