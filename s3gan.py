@@ -975,6 +975,7 @@ class Runtime:
             raise ValueError(f'--precision: unknown precision {precision!r}; choose fp32 or bf16')
         self.world = int(os.environ.get('WORLD_SIZE', '1'))
         self.rank = int(os.environ.get('RANK', '0'))
+        self.is_main = self.rank == 0                 # the process that writes files
         if self.world > 1 and not torch.distributed.is_initialized():
             use_cuda = device in ('auto', 'cuda') and torch.cuda.is_available()
             if use_cuda:
@@ -995,10 +996,6 @@ class Runtime:
                 import torch_xla.distributed.spmd as xs
                 n = xr.global_runtime_device_count()
                 self.mesh = xs.Mesh(np.arange(n), (n,), ('data',))
-
-    @property
-    def is_main(self):
-        return self.rank == 0
 
     def autocast(self):
         return torch.autocast(self.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -1336,7 +1333,8 @@ def train(cfg: Config):
                   + f' | {row["images_per_s"]:.0f} img/s | eta {eta / 60:.1f} min', flush=True)
             sums, count, t_log = {}, 0, time.time()
         if (step % cfg.sample_every == 0 or last) and rt.is_main:
-            x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), cfg, rt)
+            standing_statistics(G_ema, cfg.standing_batches, cfg.seed + 1)
+            x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), rt)
             save_grid(x, len(rows), os.path.join(cfg.out, 'samples', f'step_{step:07d}.png'))
         if cfg.fid_stats and (step % cfg.fid_every == 0 or last) and rt.is_main:
             fid_value = evaluate_fid(G_ema, cfg, rt)
@@ -1361,7 +1359,7 @@ def train(cfg: Config):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def standing_statistics(G, num_batches: int, batch_size: int, z_dim: int, seed: int):
+def standing_statistics(G, num_batches: int, seed: int, batch_size: int = 64):
     """Set every BN of G to the average of its batch moments over sampled batches (SPEC A4)."""
     layers = [m for m in G.modules() if isinstance(m, BatchStandardize)]
     for m in layers:
@@ -1369,7 +1367,7 @@ def standing_statistics(G, num_batches: int, batch_size: int, z_dim: int, seed: 
         m.accumulate = True
     G.eval()                                      # no power iterations, and no all-reduce
     gen, device = torch.Generator().manual_seed(seed), next(G.parameters()).device
-    K = G.embed_y.num_embeddings
+    K, z_dim = G.embed_y.num_embeddings, G.chunk * G.num_chunks
     for _ in range(num_batches):
         z = torch.randn(batch_size, z_dim, generator=gen).to(device)
         G(z, torch.randint(0, K, (batch_size,), generator=gen).to(device))
@@ -1380,10 +1378,8 @@ def standing_statistics(G, num_batches: int, batch_size: int, z_dim: int, seed: 
 
 
 @torch.no_grad()
-def generate(G, z, y, cfg: Config, rt: Runtime, refresh: bool = True):
-    """Images in [0, 1] from G_ema after fresh standing statistics; (B, 3, R, R), on the CPU."""
-    if refresh:
-        standing_statistics(G, cfg.standing_batches, 64, cfg.z_dim, cfg.seed + 1)
+def generate(G, z, y, rt: Runtime):
+    """Images G(z, y) in [0, 1], (B, 3, R, R), on the CPU."""
     with rt.autocast():
         x = G(z, y)
     return x.float().cpu()
@@ -1400,13 +1396,13 @@ def save_grid(x, rows: int, path: str):
 
 def generate_uint8(G, num: int, cfg: Config, rt: Runtime, batch_size: int = 256, seed: int = 0):
     """Yield (x uint8 (B, R, R, 3), y) batches: uniform labels, z ~ N(0, I), no truncation."""
-    standing_statistics(G, cfg.standing_batches, 64, cfg.z_dim, seed + 1)
+    standing_statistics(G, cfg.standing_batches, seed + 1)
     gen, K = torch.Generator().manual_seed(seed), G.embed_y.num_embeddings
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
         z = torch.randn(b, cfg.z_dim, generator=gen)
         y = torch.randint(0, K, (b,), generator=gen)
-        x = generate(G, z.to(rt.device), y.to(rt.device), cfg, rt, refresh=False)
+        x = generate(G, z.to(rt.device), y.to(rt.device), rt)
         yield (x * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy(), y.numpy()
 
 
