@@ -38,6 +38,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -57,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 
 METHODS = ('biggan', 'single-label', 'random-label', 'clustering', 'clustering-ss',
            's2gan', 's3gan', 's2gan-co', 's3gan-co')
-# Per-resolution architecture, SPEC A1 (compare_gan resnet_biggan.py): G and D channel
+# Per-resolution architecture (compare_gan architectures/resnet_biggan.py): G and D channel
 # multipliers, the block after which self-attention sits (1-based, 0 = none) and z size.
 ARCH = {
     32: dict(g_mult=(4, 4, 4, 4), d_mult=(2, 2, 2, 2), g_attn=0, d_attn=0, z_dim=128),
@@ -74,47 +75,47 @@ ARCH = {
 @dataclass
 class Config:
     # what to train
-    method: str = 's3gan'              # SPEC B2: one of METHODS
-    data: str = 'shapes'               # SPEC B4: 'shapes', an image folder, or an .npz
+    method: str = 's3gan'              # the variant: biggan, s3gan, s2gan-co, ... (METHODS)
+    data: str = 'shapes'               # 'shapes' (embedded), a folder of class subfolders, an .npz
     num_images: int = 10000            # size of the embedded 'shapes' set (ours)
-    labeled_fraction: float = 0.1      # paper Sec. 4: 5%, 10%, 20% of ImageNet's labels
-    out: str = 'runs/s3gan'            # SPEC B6: output folder
-    # architecture (SPEC A1; compare_gan resnet_biggan.py)
-    resolution: int = 128              # biggan_imagenet128.gin
-    ch: int = 96                       # resnet_biggan ch=96 for G and D
-    num_classes: int = 0               # 0: from the data (ImageNet: 1000)
-    z_dim: int = 0                     # 0: per resolution (ARCH), 120 at 128
-    g_mult: tuple = ()                 # (): per resolution (ARCH)
-    d_mult: tuple = ()                 # (): per resolution (ARCH)
-    g_attn: int = -1                   # -1: per resolution (ARCH); G block with attention
-    d_attn: int = -1                   # -1: per resolution (ARCH); D block with attention
-    embed_dim: int = 128               # resnet_biggan embed_y dim
-    bn_eps: float = 1e-5               # standardize_batch.epsilon
-    # losses and heads (SPEC A2; compare_gan gans/s3gan.py)
-    rotated_batch_fraction: int = 2    # S3GAN.rotated_batch_fraction (gin.REQUIRED; test uses 2)
-    weight_rotation_loss_d: float = 1.0  # S3GAN.weight_rotation_loss_d
-    weight_rotation_loss_g: float = 0.2  # S3GAN.weight_rotation_loss_g
-    weight_class_loss: float = 1.0     # S3GAN.weight_class_loss
-    # optimisation (SPEC A4; biggan_imagenet128.gin)
-    batch_size: int = 2048             # options.batch_size, global, per D or G sub-step
-    steps: int = 250000                # options.training_steps (G steps)
-    disc_iters: int = 2                # options.disc_iters
+    labeled_fraction: float = 0.1      # fraction of labeled images; paper Sec. 4: 5, 10, 20%
+    out: str = 'runs/s3gan'            # run folder: config, labels, checkpoints, samples, log
+    # architecture (compare_gan architectures/resnet_biggan.py)
+    resolution: int = 128              # image side in pixels; biggan_imagenet128.gin: 128
+    ch: int = 96                       # width unit of G and D (resnet_biggan ch=96)
+    num_classes: int = 0               # classes; 0: from the data (ImageNet: 1000)
+    z_dim: int = 0                     # size of z; 0: per resolution (120 at 128)
+    g_mult: tuple = ()                 # G channel multipliers of ch; (): per resolution
+    d_mult: tuple = ()                 # D channel multipliers of ch; (): per resolution
+    g_attn: int = -1                   # G block followed by attention (0: none; -1: per res.)
+    d_attn: int = -1                   # D block followed by attention (0: none; -1: per res.)
+    embed_dim: int = 128               # size of G's shared class embedding (embed_y)
+    bn_eps: float = 1e-5               # batch-norm epsilon (arch_ops.standardize_batch)
+    # losses and heads (compare_gan gans/s3gan.py)
+    rotated_batch_fraction: int = 2    # 1/f of the batch gets rotated (S3GAN; test value 2)
+    weight_rotation_loss_d: float = 1.0  # weight of D's rotation loss on reals
+    weight_rotation_loss_g: float = 0.2  # weight of G's rotation loss on fakes
+    weight_class_loss: float = 1.0     # weight of D's classifier loss (co-training methods)
+    # optimisation (compare_gan example_configs/biggan_imagenet128.gin)
+    batch_size: int = 2048             # global images per D or G sub-step (options.batch_size)
+    steps: int = 250000                # G steps to train (options.training_steps)
+    disc_iters: int = 2                # D steps per G step, each on fresh data (options.disc_iters)
     lr_g: float = 1e-4                 # generator Adam learning rate
     lr_d: float = 5e-4                 # discriminator Adam learning rate
     beta1: float = 0.0                 # Adam beta1
     beta2: float = 0.999               # Adam beta2
-    adam_eps: float = 1e-8             # TF Adam default
-    ema_decay: float = 0.9999          # ModularGAN.ema_decay
-    ema_start: int = 40000             # ModularGAN.ema_start_step (G steps)
-    # label inference (SPEC B3; ours, the official code only reads label files)
-    pretrain_steps: int = 0            # 0: per resolution (see label_stage_defaults)
-    pretrain_batch_size: int = 128     # ours
-    pretrain_lr: float = 0.1           # ours: SGD + momentum, cosine decay
-    clusters: int = 0                  # k-means K; 0: num_classes
+    adam_eps: float = 1e-8             # Adam epsilon (TF default)
+    ema_decay: float = 0.9999          # decay of G's weight average G_ema (ModularGAN.ema_decay)
+    ema_start: int = 40000             # G step where averaging starts (ModularGAN.ema_start_step)
+    # label inference (paper Sec. 3.1; ours: compare_gan only reads label files)
+    pretrain_steps: int = 0            # label-stage SGD steps; 0: per resolution
+    pretrain_batch_size: int = 128     # label-stage batch, rotated copies included
+    pretrain_lr: float = 0.1           # label-stage SGD + momentum learning rate, cosine decay
+    clusters: int = 0                  # k-means K for the clustering methods; 0: num_classes
     # run
-    device: str = 'auto'               # SPEC B5: auto|cpu|cuda|xla
-    precision: str = 'fp32'            # SPEC B5: fp32|bf16
-    seed: int = 0
+    device: str = 'auto'               # auto|cpu|cuda|xla (auto: cuda, else a TPU, else cpu)
+    precision: str = 'fp32'            # fp32|bf16 (bf16 autocast on CUDA and XLA)
+    seed: int = 0                      # seeds weights, data order, z, labeled subset
     num_workers: int = 2               # data-loader processes
     log_every: int = 100               # G steps between log lines
     sample_every: int = 1000           # G steps between sample grids
@@ -122,8 +123,9 @@ class Config:
     fid_stats: str = ''                # reference statistics (.npz) for FID during training
     fid_every: int = 10000             # G steps between FID evaluations
     fid_samples: int = 10000           # samples per FID evaluation (paper: 50k)
-    standing_batches: int = 100        # standing statistics: batches (paper: 3200 of 64)
-    skip_bad_images: bool = False      # SPEC B4: skip unreadable images with a warning
+    standing_batches: int = 100        # batches of 64 for the training-time sample grid's
+    #                                    standing statistics (evaluation uses 3,200: paper's)
+    skip_bad_images: bool = False      # skip unreadable images with a warning, not stop
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -151,7 +153,8 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 
 def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: float = 1e-12):
-    """W / sigma(W), sigma from one power iteration on the persistent vector u (SPEC A1).
+    """W / sigma(W), sigma from one power iteration on the persistent vector u (compare_gan
+    arch_ops.spectral_norm).
 
     W is read as a matrix (out, in*kh*kw); u (out,) is updated in place when `update`.
     sigma = u . (W v) with u and v constants, written as a sum of a product: torch.vdot (used by
@@ -210,7 +213,8 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class BatchStandardize(nn.Module):
-    """(x - E[x]) / sqrt(Var[x] + eps) over (N, H, W) of the *global* batch (SPEC A1).
+    """(x - E[x]) / sqrt(Var[x] + eps) over (N, H, W) of the *global* batch
+    (compare_gan arch_ops.standardize_batch).
 
     The moments are E[x] and E[x^2] - E[x]^2 (biased), as compare_gan's cross-replica moments.
     Under torchrun they are summed over processes with a differentiable all-reduce, so every
@@ -244,7 +248,8 @@ class BatchStandardize(nn.Module):
 
 
 class ConditionalBatchNorm(nn.Module):
-    """x_hat * gamma(c) + beta(c), gamma and beta bias-free SN linear maps of c (SPEC A1, A6.2).
+    """x_hat * gamma(c) + beta(c), gamma and beta bias-free SN linear maps of c
+    (compare_gan arch_ops.conditional_batch_norm).
 
     NOTE (deviation): BigGAN-PyTorch uses (1 + gamma(c)); S3GAN's code has no "+1", so the
     gains start small and random, and so do ours.
@@ -275,7 +280,8 @@ class BatchNorm(nn.Module):
 
 
 def unpool(x):
-    """2x upsampling by zero insertion: out[2i, 2j] = x[i, j], the other 3 pixels 0 (SPEC A6.1).
+    """2x upsampling by zero insertion: out[2i, 2j] = x[i, j], the other 3 pixels 0
+    (compare_gan resnet_ops.unpool).
 
     [[1, 2],     [[1, 0, 2, 0],
      [3, 4]]  ->  [0, 0, 0, 0],
@@ -310,7 +316,7 @@ class SelfAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Generator (SPEC A1: compare_gan resnet_biggan.Generator)
+# Generator (compare_gan architectures/resnet_biggan.py, Generator)
 # ----------------------------------------------------------------------------------------------
 
 def conv_unpooled(conv: SNConv2d, x):
@@ -374,13 +380,14 @@ class Generator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Discriminator with projection, rotation and classifier heads (SPEC A1, A2, B2)
+# Discriminator with projection, rotation and classifier heads (resnet_biggan.py, s3gan.py)
 # ----------------------------------------------------------------------------------------------
 
 class DBlock(nn.Module):
     """ReLU -> conv3x3 -> ReLU -> conv3x3 -> avgpool; 1x1 shortcut only if the width changes.
 
-    With equal widths there is no skip connection at all, as in compare_gan (SPEC A1).
+    With equal widths there is no skip connection at all, as in compare_gan
+    (resnet_biggan.BigGanResNetBlock: add_shortcut = in_channels != out_channels).
     The shortcut pools before its 1x1 conv: the same linear map as conv-then-pool, 4x cheaper.
     """
 
@@ -439,7 +446,8 @@ class Discriminator(nn.Module):
 
 
 def init_weights(module: nn.Module):
-    """Orthogonal kernels, zero biases, glorot-normal projection (SPEC A1, A6.5)."""
+    """Orthogonal kernels, zero biases, glorot-normal projection (compare_gan
+    weights.initializer='orthogonal'; S3GAN's projection uses glorot_normal)."""
     for name, m in module.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
             nn.init.orthogonal_(m.weight)
@@ -481,7 +489,7 @@ def build_models(cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses and the S3GAN batch layout (SPEC A2; compare_gan gans/s3gan.py, loss_lib.hinge)
+# Losses and the S3GAN batch layout (compare_gan gans/s3gan.py, gans/loss_lib.py hinge)
 # ----------------------------------------------------------------------------------------------
 
 NUM_ROTATIONS = 4
@@ -514,7 +522,8 @@ def class_loss(cls_logits, y):
 
 
 def mix_labels(y, cls_logits):
-    """y_used = y where the label is known, else argmax of the classifier head (SPEC A2).
+    """y_used = y where the label is known, else argmax of the classifier head
+    (paper Sec. 3.2; compare_gan S3GAN.discriminator, use_predictor).
 
     Example: y = [3, -1, 0, -1], argmax cls_logits = [1, 2, 2, 5] -> y_used = [3, 2, 0, 5].
     The argmax is an integer, so no gradient flows from the projection into the classifier
@@ -524,7 +533,8 @@ def mix_labels(y, cls_logits):
 
 
 def rotate_batch(x, y, n: int):
-    """Append the last n images rotated by 90, 180 and 270 degrees (SPEC A2 batch layout).
+    """Append the last n images rotated by 90, 180 and 270 degrees
+    (compare_gan S3GAN.create_loss, rotated_batch_fraction).
 
     Returns x_all (B + 3n, ...), y_all (labels tiled from the sources) and rot_labels (4n,),
     the targets for the last 4n rows of x_all: the n unrotated sources then the three copies.
@@ -544,7 +554,7 @@ def rotate_batch(x, y, n: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data (SPEC B4): item i = (image (3, R, R) float32 in [0, 1], label or -1)
+# Data: item i = (image (3, R, R) float32 in [0, 1], label or -1)
 # ----------------------------------------------------------------------------------------------
 
 def _arc(cx, cy, r, a0, a1, n=12):   # points of a circular arc, angles in degrees
@@ -606,7 +616,7 @@ def _to_tensor(x: np.ndarray) -> torch.Tensor:                      # (H, W, 3) 
 
 
 class ShapesDataset(Dataset):
-    """The embedded procedural set (SPEC B4): 10 balanced classes drawn with PIL on demand."""
+    """The embedded procedural set: 10 balanced classes drawn with PIL on demand."""
 
     def __init__(self, num_images: int, resolution: int, seed: int):
         self.resolution, self.seed, self.num_classes = resolution, seed, len(SHAPES)
@@ -620,7 +630,7 @@ class ShapesDataset(Dataset):
 
 
 class BadImageError(ValueError):
-    """An image file PIL cannot decode (SPEC B4). A DataLoader worker re-raises it with the whole
+    """An image file PIL cannot decode. A DataLoader worker re-raises it with the whole
     worker traceback as its message: keep our own last line, which names the file."""
 
     def __init__(self, message: str):
@@ -632,7 +642,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 
 
 def random_square_crop(w: int, h: int, augment: bool) -> tuple:
-    """A square (left, top, right, bottom) covering 50-100% of the area (SPEC A4), or the
+    """A square (left, top, right, bottom) covering 50-100% of the area (compare_gan datasets.py), or the
     central square without `augment`. torch's RNG, so that DataLoader workers differ.
     NOTE (deviation): where no such square fits, TF takes the whole (non-square) image; we cap
     the side at the shorter edge."""
@@ -646,7 +656,7 @@ def random_square_crop(w: int, h: int, augment: bool) -> tuple:
 
 
 class FolderDataset(Dataset):
-    """One subfolder per class (ImageNet's layout); any size or mode; no flip (SPEC A4, B4)."""
+    """One subfolder per class (ImageNet's layout); any size or mode; no flip (compare_gan datasets.py)."""
 
     def __init__(self, root: str, resolution: int, augment: bool, skip_bad: bool):
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -682,7 +692,7 @@ class FolderDataset(Dataset):
 
 
 class NpzDataset(Dataset):
-    """`x` uint8 (N, H, W, 3) and optional `y` int (N,) in one .npz file (SPEC B4)."""
+    """`x` uint8 (N, H, W, 3) and optional `y` int (N,) in one .npz file."""
 
     def __init__(self, path: str, resolution: int):
         with np.load(path) as f:
@@ -735,7 +745,7 @@ def select_labeled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray
 
 
 def save_labels(path: str, labels, labeled, accuracy: Optional[float], method: str):
-    """labels.npz (SPEC B3): `labels` int64 and `labeled` bool in dataset order, `accuracy` on the
+    """labels.npz: `labels` int64 and `labeled` bool in dataset order, `accuracy` on the
     unlabeled images (NaN when unknown) and the method; written then renamed (atomic)."""
     np.savez(path + '.tmp.npz', labels=labels.astype(np.int64), labeled=labeled.astype(bool),
              accuracy=np.float64('nan' if accuracy is None else accuracy), method=method)
@@ -751,7 +761,7 @@ def load_labels(path: str) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rotation pretraining and label inference (SPEC A3, B3; not in the official code)
+# Rotation pretraining and label inference (paper Sec. 3.1; not in the official code)
 # ----------------------------------------------------------------------------------------------
 
 def label_stage_defaults(resolution: int) -> tuple:
@@ -778,7 +788,7 @@ class ResBlock(nn.Module):
 
 
 class FeatureNet(nn.Module):
-    """The label stage's feature extractor: a ResNet with BatchNorm, no spectral norm (SPEC B3),
+    """The label stage's feature extractor: a ResNet with BatchNorm, no spectral norm,
     a rotation head (4 logits) and, for S4L, a linear class head."""
 
     def __init__(self, widths: tuple, num_classes: int):
@@ -883,7 +893,7 @@ class InferredLabels(NamedTuple):
 
 
 def infer_labels(cfg: Config) -> InferredLabels:
-    """The label stage (SPEC B3): writes cfg.out/labels.npz and pretrain.pt, or reuses them.
+    """The label stage (paper Sec. 3.1): writes cfg.out/labels.npz and pretrain.pt, or reuses them.
 
     s2gan/s3gan: the S4L classifier's hard argmax labels for the unlabeled images, the true
     labels for the labeled k%. clustering(-ss): k-means on the rotation features, no labels used
@@ -934,11 +944,11 @@ def infer_labels(cfg: Config) -> InferredLabels:
 
 
 # ----------------------------------------------------------------------------------------------
-# Devices: every difference between CPU, CUDA, XLA and many processes lives here (SPEC B5)
+# Devices: every difference between CPU, CUDA, XLA and many processes lives here
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda if available, else xla if a TPU is attached, else cpu (SPEC B5)."""
+    """'auto' -> cuda if available, else xla if a TPU is attached, else cpu."""
     if name == 'auto':
         if torch.cuda.is_available():
             return torch.device('cuda')
@@ -1075,12 +1085,13 @@ def to_cpu(obj):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training step (SPEC A2, A4): 2 D steps on fresh data, 1 G step, EMA of G
+# Training step (paper Sec. 4; compare_gan modular_gan.py, s3gan.py): 2 D steps on fresh data, 1 G step, EMA of G
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def ema_update(G_ema, G, decay: float):
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta, on G's trainable weights (SPEC A4).
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, on G's trainable weights
+    (compare_gan ModularGAN.g_use_ema).
 
     The power-iteration vectors u are copied: compare_gan's EMA generator reads G's own u.
     """
@@ -1097,7 +1108,7 @@ def ema_update(G_ema, G, decay: float):
 
 
 def sample_fake_inputs(batch: int, z_dim: int, num_classes: int, device):
-    """z ~ N(0, I) (SPEC A6.10: not compare_gan's uniform default), y_hat ~ U{0..K-1}."""
+    """z ~ N(0, I) (the gin's z.distribution_fn, not compare_gan's uniform default), y_hat ~ U{0..K-1}."""
     z = torch.randn(batch, z_dim, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
     return z, y
@@ -1127,7 +1138,7 @@ def train_step(models, opts, batches, cfg: Config, rt: Runtime, ema_decay: float
         xr, yr, rot_labels = rotate_batch(x_real, y_real, n_rot)
         xf, yf, _ = rotate_batch(x_fake.to(x_real.dtype), y_fake, n_rot)
         with rt.autocast():
-            out = D_train(torch.cat([xr, xf]), torch.cat([yr, yf]))   # one D call, SPEC A2
+            out = D_train(torch.cat([xr, xf]), torch.cat([yr, yf]))   # one D call, as compare_gan
         m = B + 3 * n_rot                                          # rows of the real half
         logits = out.logits.float()
         loss_d = hinge_loss_d(logits[:B], logits[m:m + B])
@@ -1170,7 +1181,7 @@ def train_step(models, opts, batches, cfg: Config, rt: Runtime, ema_decay: float
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop (SPEC B5, B6): flat; it only checks intervals
+# Training loop: flat; it only checks intervals
 # ----------------------------------------------------------------------------------------------
 
 class TrainView(torch.utils.data.Dataset):
@@ -1223,7 +1234,7 @@ def real_batches(data: TrainView, cfg: Config, rt: Runtime, start_batch: int):
 
 
 def method_labels(cfg: Config, dataset, rt: Runtime):
-    """The label each real image carries into D's projection under cfg.method (SPEC B2)."""
+    """The label each real image carries into D's projection under cfg.method (paper Sec. 3)."""
     y = np.asarray(dataset.labels, dtype=np.int64)
     if cfg.method in ('single-label', 'random-label'):   # random: redrawn in every step
         return np.zeros_like(y), None
@@ -1355,12 +1366,13 @@ def train(cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling and evaluation (SPEC A4, B7): G_ema with standing statistics
+# Sampling and evaluation (compare_gan eval_gan_lib.py): G_ema with standing statistics
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def standing_statistics(G, num_batches: int, seed: int, batch_size: int = 64):
-    """Set every BN of G to the average of its batch moments over sampled batches (SPEC A4)."""
+    """Set every BN of G to the average of its batch moments over sampled batches
+    (compare_gan eval_gan_lib._update_bn_accumulators)."""
     layers = [m for m in G.modules() if isinstance(m, BatchStandardize)]
     for m in layers:
         m.standing_mean.zero_(), m.standing_var.zero_()
@@ -1448,7 +1460,7 @@ def sample(out: str, num: int, to: str, device: str = 'auto', batch_size: int = 
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: flags are the Config fields with dashes (SPEC B1)
+# Command line: flags are the Config fields with dashes
 # ----------------------------------------------------------------------------------------------
 
 # The embedded demo: S3GAN with 10% labels on the shapes set at 32x32, small enough for a laptop.
@@ -1474,15 +1486,19 @@ def with_data_classes(cfg: Config, dataset) -> Config:
 
 
 def config_parser(parser):
+    """One flag per Config field; its help is the field's comment in the source above."""
+    comments = dict(re.findall(r'^    (\w+): \w+ = .*?#\s*(.*)$', inspect.getsource(Config),
+                               re.MULTILINE))
     for f in dataclasses.fields(Config):
-        flag = '--' + f.name.replace('_', '-')
+        flag, kw = '--' + f.name.replace('_', '-'), dict(default=None)
+        kw['help'] = f'{comments.get(f.name, "")} (default: {f.default!r})'.replace('%', '%%')
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.type is tuple:
-            parser.add_argument(flag, default=None, metavar='A,B,...',
+            parser.add_argument(flag, metavar='A,B,...', **kw,
                                 type=lambda s: tuple(int(v) for v in s.split(',')))
         else:
-            parser.add_argument(flag, type=type(f.default), default=None)
+            parser.add_argument(flag, type=type(f.default), **kw)
     return parser
 
 
@@ -1491,7 +1507,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='s3gan.py', description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command')
     config_parser(sub.add_parser('train', help='train a GAN (runs label inference if needed)'))
-    config_parser(sub.add_parser('infer-labels', help='the label stage alone (SPEC B3)'))
+    config_parser(sub.add_parser('infer-labels', help='the label stage alone (paper Sec. 3.1)'))
     p = sub.add_parser('sample', help='write samples of a trained G_ema for fid.py')
     p.add_argument('--out', required=True, help='the training output folder')
     p.add_argument('--num', type=int, default=50000)

@@ -33,7 +33,7 @@ def tiny(method='s3gan-co', resolution=32, **kw):
 
 
 # ----------------------------------------------------------------------------------------------
-# Networks (SPEC A1)
+# Networks (compare_gan resnet_biggan.py)
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('resolution', [32, 64, 128, 256, 512])
@@ -51,7 +51,7 @@ def test_shapes_and_ranges_at_every_resolution(resolution):
     assert out.cls_logits.shape == (2, 5) and out.y_used[0] == 2
 
 
-PAPER_COUNTS = [  # (resolution, method, G, D): SPEC A1, compare_gan resnet_biggan_test.py
+PAPER_COUNTS = [  # (resolution, method, G, D): compare_gan resnet_biggan_test.py
     (128, 'biggan', 70_433_988, 87_982_370),
     (128, 's3gan', 70_433_988, 87_988_518),
     (128, 's3gan-co', 70_433_988, 89_525_518),
@@ -162,7 +162,7 @@ def test_init_is_orthogonal_with_zero_bias_and_zero_attention_gain():
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses and batch layout (SPEC A2)
+# Losses and batch layout (compare_gan gans/s3gan.py)
 # ----------------------------------------------------------------------------------------------
 
 def test_hinge_losses_equal_their_equations():
@@ -215,7 +215,7 @@ def test_label_mixing_keeps_labels_and_passes_no_gradient_to_the_classifier():
 
 
 # ----------------------------------------------------------------------------------------------
-# Data and label inference (SPEC A3, B3, B4)
+# Data and label inference
 # ----------------------------------------------------------------------------------------------
 
 def test_data_shapes_items_are_pure_and_in_range():
@@ -395,7 +395,7 @@ def test_labels_infer_labels_reuses_labels_npz(short_run, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training (SPEC A2, A4, B2, B5, B6)
+# Training
 # ----------------------------------------------------------------------------------------------
 
 def tiny_npz(path, n=48, resolution=32, classes=3, seed=0):
@@ -623,7 +623,7 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# fid.py (SPEC B8): random Inception weights (the real file cannot be downloaded in CI), so only
+# fid.py: random Inception weights (the real file cannot be downloaded in CI), so only
 # the closed-form tests check FID values
 # ----------------------------------------------------------------------------------------------
 _FID_REPO = Path(fid.__file__).resolve().parent
@@ -834,7 +834,7 @@ def test_fid_script_entry_point_exits_cleanly(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# --device xla (SPEC B5): torch-xla's CPU backend. These tests run only where torch_xla imports
+# --device xla: torch-xla's CPU backend. These tests run only where torch_xla imports
 # (CI's second environment: PJRT_DEVICE=CPU python -m pytest -q test_s3gan.py -k xla) and are
 # skipped elsewhere. They train s3gan-co a few steps at ch=4 through the real CLI. Keep them apart
 # from the CPU tests (-k xla): a backward pass run before torch_xla is imported leaves autograd's
