@@ -846,6 +846,7 @@ def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, st
         loss.backward()
         opt.step()
         sched.step()
+        device_sync(device)                     # on XLA: one compiled step, run once per step
         if step % log_every == 0 or step == steps:                      # the only host syncs
             line = (f'pretrain {step:>6}/{steps}  loss_rot {loss_rot.item():.3f}  rot_acc '
                     f'{(rot_logits.argmax(1) == rot_labels).float().mean().item():.3f}')
@@ -856,22 +857,29 @@ def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, st
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple:
-    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007), on x's device.
+    """Lloyd's k-means with greedy k-means++ seeding (Arthur & Vassilvitskii 2007; as scikit-learn:
+    of 2 + log k candidates drawn ~ d2, the one that lowers sum(d2) most), on x's device.
 
-    x (N, D) -> assignments (N,) int64 in [0, k), centroids (k, D). A fixed number of
-    iterations and no host syncs, so it runs the same on CPU, GPU and XLA."""
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    centroids = x[torch.randint(len(x), (1,), generator=g, device=x.device)]   # (1, D)
-    d2 = torch.cdist(x, centroids).squeeze(1) ** 2     # squared distance to the nearest centroid
-    for _ in range(1, k):                # k-means++: next centroid with probability ~ d2
-        c = x[torch.multinomial(d2 + 1e-12, 1, generator=g)]
-        centroids = torch.cat([centroids, c])
-        d2 = torch.minimum(d2, torch.cdist(x, c).squeeze(1) ** 2)
-    for _ in range(iters):
+    x (N, D) -> assignments (N,) int64 in [0, k), centroids (k, D). No host syncs, random numbers
+    from the CPU (the same on every device), and loop iterations that keep their shapes: on XLA
+    each loop compiles one iteration once (synced per iteration)."""
+    u = torch.rand(k, 2 + int(math.log(k)), generator=torch.Generator().manual_seed(seed))
+    centroids = [x[(u[0, :1] * len(x)).long().to(x.device)]]         # the first: uniform
+    d2 = torch.cdist(x, centroids[0]).squeeze(1) ** 2  # squared distance to the nearest centroid
+    for u_i in synced(u[1:], x.device):
+        cdf = d2.cumsum(0)                                   # inverse-CDF draws of candidates
+        cand = x[(cdf < u_i.to(x.device)[:, None] * cdf[-1]).sum(1)]    # (trials, D)
+        new_d2 = torch.minimum(d2, torch.cdist(cand, x) ** 2)           # (trials, N)
+        best = new_d2.sum(1).argmin(0, keepdim=True)                    # (1,): no host sync
+        centroids.append(cand[best])
+        d2 = new_d2[best].squeeze(0)
+    centroids = torch.cat(centroids)
+    for _ in synced(range(iters), x.device):
         assign = torch.cdist(x, centroids).argmin(1)                    # (N,)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1).to(x.dtype)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # empty: keep
+        sums = torch.zeros(k, x.shape[1] + 1, device=x.device).index_add_(   # last column:
+            0, assign, F.pad(x, (0, 1), value=1.0))                     # the cluster sizes
+        counts = sums[:, -1:]
+        centroids = torch.where(counts > 0, sums[:, :-1] / counts.clamp(min=1), centroids)
     return torch.cdist(x, centroids).argmin(1), centroids
 
 
@@ -925,7 +933,7 @@ def infer_labels(cfg: Config) -> InferredLabels:
     net = pretrain(cfg, ds, labeled, num_classes, steps, widths, device).eval()
     with torch.no_grad():        # features in eval mode: independent of the batch
         loader = DataLoader(make_dataset(cfg, augment=False), 256, num_workers=cfg.num_workers)
-        h = torch.cat([net(x.to(device)) for x, _ in loader])          # (N, C)
+        h = torch.cat([net(x.to(device)) for x, _ in synced(loader, device)])   # (N, C)
     if s4l:
         labels = np.where(labeled, true, net.cls_head(h).argmax(1).cpu().numpy())
     else:   # unit-length features: clusters by direction, as usual for self-supervised features
@@ -937,8 +945,8 @@ def infer_labels(cfg: Config) -> InferredLabels:
                     else cluster_accuracy(labels[known], true[known]))
         print(f'label accuracy on {known.sum()} unlabeled images: {accuracy:.4f}')
     os.makedirs(cfg.out, exist_ok=True)
-    torch.save({'widths': list(widths), 'num_classes': num_classes, 'net': net.state_dict()},
-               os.path.join(cfg.out, 'pretrain.pt'))
+    state = {'widths': list(widths), 'num_classes': num_classes, 'net': net.state_dict()}
+    torch.save(to_cpu(state), os.path.join(cfg.out, 'pretrain.pt'))
     save_labels(path, labels, labeled, accuracy, cfg.method)
     return InferredLabels(labels.astype(np.int64), labeled, accuracy)
 
@@ -967,6 +975,21 @@ def pick_device(name: str) -> torch.device:
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda: no CUDA device is available')
     return torch.device(name)
+
+
+def device_sync(device: torch.device):
+    """Cut the lazy XLA graph here and run it: a loop synced per iteration compiles one iteration
+    once, not the whole loop as one program (no-op elsewhere: CPU is eager, CUDA asynchronous)."""
+    if device.type == 'xla':
+        import torch_xla
+        torch_xla.sync()
+
+
+def synced(items, device: torch.device):
+    """Each of `items`, with a device_sync once the loop body is done with it."""
+    for item in items:
+        yield item
+        device_sync(device)
 
 
 class Runtime:
@@ -1012,9 +1035,7 @@ class Runtime:
 
     def sync(self):
         """End of a step: cut and run the XLA graph (no-op elsewhere; CUDA is asynchronous)."""
-        if self.type == 'xla':
-            import torch_xla
-            torch_xla.sync()
+        device_sync(self.device)
 
     def shard(self, x):
         """Under SPMD, split the batch dimension over the TPU cores."""
@@ -1074,14 +1095,13 @@ class Runtime:
 
 
 def to_cpu(obj):
-    """A copy of a nest of dicts/lists whose tensors live on the CPU (for torch.save)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
+    """A copy of a nest of dicts/lists/tuples with every tensor on the CPU (for torch.save).
+    One sync per device first materialises all pending XLA tensors together, so that each copy
+    is a transfer, not a graph of its own."""
+    from torch.utils._pytree import tree_leaves, tree_map
+    for device in {t.device for t in tree_leaves(obj) if isinstance(t, torch.Tensor)}:
+        device_sync(device)
+    return tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, obj)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1393,8 +1413,9 @@ def standing_statistics(G, num_batches: int, seed: int, batch_size: int = 64):
 def generate(G, z, y, rt: Runtime):
     """Images G(z, y) in [0, 1], (B, 3, R, R), on the CPU."""
     with rt.autocast():
-        x = G(z, y)
-    return x.float().cpu()
+        x = G(z, y).float()
+    device_sync(rt.device)                  # on XLA: one compiled batch, run once per batch
+    return x.cpu()
 
 
 def save_grid(x, rows: int, path: str):
@@ -1425,7 +1446,7 @@ def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
     model = fid.load_inception(device=rt.device)
     images = (torch.from_numpy(x).permute(0, 3, 1, 2) for x, _ in
               generate_uint8(G, cfg.fid_samples, cfg, rt, seed=cfg.seed + 7))
-    mu, sigma = fid.compute_statistics(images, model)
+    mu, sigma = fid.compute_statistics(synced(images, rt.device), model)   # a sync per batch
     return float(fid.frechet_distance(mu, sigma, ref['mu'], ref['sigma']))
 
 
