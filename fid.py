@@ -298,7 +298,7 @@ def _full_fp32():
             setattr(f, name, value)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under it, torch-xla fails on views of normal tensors
 def get_activations(images, model, num_images=None, progress=False):
     """Pool3 features (N, 2048) and logits (N, 1008), float64 numpy, of all batches.
 

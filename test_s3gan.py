@@ -2,6 +2,8 @@
 
 Run: python -m pytest -q test_s3gan.py
 """
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -988,3 +990,117 @@ def test_xla_data_parallel_over_two_devices_equals_one_device(xla, tmp_path):
         for key in r1:
             if key not in ('images_per_s', 'elapsed_s'):
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-5), (key, r1, r2)
+
+
+def _record_syncs(monkeypatch, met):
+    """The compile count after every s3gan.device_sync (every loop iteration's cut)."""
+    seen, sync = [], s3gan.device_sync
+
+    def recording_sync(device):
+        sync(device)
+        seen.append(_xla_compiles(met))
+    monkeypatch.setattr(s3gan, 'device_sync', recording_sync)
+    return seen
+
+
+@pytest.mark.parametrize('method', ['s3gan', 'clustering'])
+def test_xla_label_stage_compiles_each_loop_once_and_equals_cpu(xla, method, tmp_path,
+                                                                monkeypatch):
+    """Pretraining, feature extraction (600 images: batches of 256, 256, 88) and, for
+    clustering, k-means, on XLA twice: 3 then 6 pretraining steps. Each loop syncs once per
+    iteration, so the longer run B compiles nothing new; the labels equal a CPU run's."""
+    met, data = xla, tiny_npz(tmp_path / 'data.npz', n=600)
+    seen = _record_syncs(monkeypatch, met)
+    runs = {}
+    for name, device, steps in (('a', 'xla', 3), ('b', 'xla', 6), ('cpu', 'cpu', 3)):
+        cfg = Config(method=method, data=data, resolution=32, out=str(tmp_path / name),
+                     device=device, num_workers=0, labeled_fraction=0.5, pretrain_steps=steps,
+                     pretrain_batch_size=16)
+        seen.clear()
+        runs[name] = (infer_labels(cfg), seen[:], _xla_compiles(met))
+    (a, syncs_a, compiles_a), (b, syncs_b, compiles_b) = runs['a'], runs['b']
+    assert compiles_b == compiles_a, f'run B recompiled: {syncs_b}'
+    # pretraining steps, feature batches, k-means (k - 1 seeds, 50 iterations), pretrain.pt
+    iterations = 3 + 3 + (2 + 50 if method == 'clustering' else 0) + 1
+    assert len(syncs_a) == iterations and len(syncs_b) == iterations + 3
+    assert _xla_fallbacks(met) == {}
+    cpu = runs['cpu'][0]
+    assert a.accuracy == pytest.approx(cpu.accuracy, abs=0.01), (a.accuracy, cpu.accuracy)
+    same = (cluster_accuracy(a.labels, cpu.labels) if method == 'clustering'
+            else (a.labels == cpu.labels).mean())
+    assert same >= 0.99, same
+    state = torch.load(tmp_path / 'a' / 'pretrain.pt', map_location='cpu', weights_only=True)
+    assert all(t.device.type == 'cpu' for t in state['net'].values())
+
+
+def test_xla_kmeans_compiles_one_iteration_and_equals_cpu(xla):
+    met = xla
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 8, generator=g) * 10)[torch.arange(500) % 5] + torch.randn(
+        500, 8, generator=g)
+    device = s3gan.pick_device('xla')
+    kmeans(x.to(device), 5, iters=3)
+    before = _xla_compiles(met)
+    assign, centroids = kmeans(x.to(device), 5, iters=8)      # more iterations, same programs
+    assert _xla_compiles(met) == before
+    assign_cpu, centroids_cpu = kmeans(x, 5, iters=8)
+    assert torch.equal(assign.cpu(), assign_cpu)
+    torch.testing.assert_close(centroids.cpu(), centroids_cpu, rtol=1e-4, atol=1e-4)
+    assert _xla_fallbacks(met) == {}
+
+
+def test_xla_to_cpu_materialises_pending_tensors_in_one_graph(xla):
+    met = xla
+    t = torch.arange(4.0).to(s3gan.pick_device('xla'))
+    s3gan.device_sync(t.device)
+    executed = (met.metric_data('ExecuteTime') or [0])[0]
+    state = {'a': t * 2, 'b': [t + 3, (t * t,)], 'step': 7}      # three pending tensors
+    cpu = s3gan.to_cpu(state)
+    assert (met.metric_data('ExecuteTime') or [0])[0] == executed + 1
+    assert cpu['step'] == 7 and all(x.device.type == 'cpu' for x in (cpu['a'], cpu['b'][1][0]))
+    assert cpu['b'][1][0].tolist() == [0, 1, 4, 9] and cpu['a'].tolist() == [0, 2, 4, 6]
+
+
+def test_xla_standing_statistics_sampling_and_fid_compile_once_and_equal_cpu(
+        xla, tmp_path, monkeypatch):
+    """G_ema's end-of-run phases on XLA twice, the second with more batches (standing
+    statistics 2 then 5, samples in batches of 4: 6 then 10, FID Inception batches of 2: 4 then
+    6 images): nothing compiles in the second, and moments, samples and FID statistics equal
+    the CPU's."""
+    met = xla
+    cfg = tiny('biggan', num_classes=3, fid_samples=4)
+    torch.manual_seed(0)
+    G_cpu = s3gan.build_models(cfg)[0].eval()
+    rt = s3gan.Runtime('xla')
+    G_xla = copy.deepcopy(G_cpu).to(rt.device)
+    inception = fid.load_inception(fid.random_weights(0))          # random weights
+    inception_xla = fid.load_inception(fid.random_weights(0), device=rt.device)
+    monkeypatch.setattr(fid, 'load_inception', lambda weights=None, device='cpu':
+                        inception_xla if torch.device(device).type == 'xla' else inception)
+    stats = []
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *a: stats.append(a[:2]) or 0.0)
+    generate_uint8 = s3gan.generate_uint8
+    monkeypatch.setattr(s3gan, 'generate_uint8',   # FID draws in batches of 2, not 256
+                        lambda *a, **kw: generate_uint8(*a, **dict(kw, batch_size=2)))
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.eye(2048))
+    cfg.fid_stats = str(tmp_path / 'ref.npz')
+
+    def end_of_run(G, rt, standing, num, fid_samples):
+        c = dataclasses.replace(cfg, standing_batches=standing, fid_samples=fid_samples)
+        x = np.concatenate([x for x, _ in generate_uint8(G, num, c, rt, batch_size=4)])
+        moments = [b.cpu() for name, b in G.named_buffers() if 'standing' in name]
+        s3gan.evaluate_fid(G, c, rt)
+        return x, moments
+
+    end_of_run(G_xla, rt, 2, 6, 4)
+    before = _xla_compiles(met)
+    x, moments = end_of_run(G_xla, rt, 5, 10, 6)
+    assert _xla_compiles(met) == before, 'the longer end of run recompiled'
+    assert _xla_fallbacks(met) == {}
+    x_cpu, moments_cpu = end_of_run(G_cpu, s3gan.Runtime('cpu'), 5, 10, 6)
+    for m, m_cpu in zip(moments, moments_cpu):
+        torch.testing.assert_close(m, m_cpu, rtol=1e-4, atol=1e-5)
+    assert np.abs(x.astype(int) - x_cpu).max() <= 1
+    (mu, sigma), (mu_cpu, sigma_cpu) = stats[1], stats[2]
+    np.testing.assert_allclose(mu, mu_cpu, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(sigma, sigma_cpu, rtol=1e-3, atol=1e-4)
