@@ -1451,7 +1451,7 @@ def standing_statistics(G, num_batches: int, seed: int, batch_size: int = 64):
     G.train()
     gen, device = torch.Generator().manual_seed(seed), next(G.parameters()).device
     K, z_dim = G.embed_y.num_embeddings, G.chunk * G.num_chunks
-    for _ in range(num_batches):
+    for _ in synced(range(num_batches), device):          # on XLA: one program, run per batch
         z = torch.randn(batch_size, z_dim, generator=gen).to(device)
         G(z, torch.randint(0, K, (batch_size,), generator=gen).to(device))
     for m in layers:

@@ -1181,7 +1181,7 @@ def test_xla_standing_statistics_sampling_and_fid_compile_once_and_equal_cpu(
     def end_of_run(G, rt, standing, num, fid_samples):
         c = dataclasses.replace(cfg, standing_batches=standing, fid_samples=fid_samples)
         x = np.concatenate([x for x, _ in generate_uint8(G, num, c, rt, batch_size=4)])
-        moments = [b.cpu() for name, b in G.named_buffers() if 'standing' in name]
+        moments = [b.cpu().clone() for name, b in G.named_buffers() if '.accu_' in name]
         s3gan.evaluate_fid(G, c, rt)
         return x, moments
 
@@ -1190,10 +1190,11 @@ def test_xla_standing_statistics_sampling_and_fid_compile_once_and_equal_cpu(
     x, moments = end_of_run(G_xla, rt, 5, 10, 6)
     assert _xla_compiles(met) == before, 'the longer end of run recompiled'
     assert _xla_fallbacks(met) == {}
+    end_of_run(G_cpu, s3gan.Runtime('cpu'), 2, 6, 4)       # the same sequence: u updates
     x_cpu, moments_cpu = end_of_run(G_cpu, s3gan.Runtime('cpu'), 5, 10, 6)
     for m, m_cpu in zip(moments, moments_cpu):
         torch.testing.assert_close(m, m_cpu, rtol=1e-4, atol=1e-5)
     assert np.abs(x.astype(int) - x_cpu).max() <= 1
-    (mu, sigma), (mu_cpu, sigma_cpu) = stats[1], stats[2]
+    (mu, sigma), (mu_cpu, sigma_cpu) = stats[1], stats[3]
     np.testing.assert_allclose(mu, mu_cpu, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(sigma, sigma_cpu, rtol=1e-3, atol=1e-4)
