@@ -982,8 +982,9 @@ def test_xla_training_has_no_fallbacks_nor_recompiles_and_saves_a_cpu_checkpoint
     count on the host (G's and D's first bias corrections are equal, and XLA merges equal
     scalar inputs); the log point compiles one small graph, and the end of the run (sample grid,
     checkpoint) a few more. After that nothing may compile: run B's steps 1-4 and its end of run
-    are the same graphs as run A's, and its steps 5-8 (with the EMA switching on at step 6) must
-    reuse step 2's graph, so the compile count must not move during run B at all. Host syncs
+    are the same graphs as run A's (its grid's standing statistics run 5 batches, not 2: one
+    program per batch), and its steps 5-8 (with the EMA switching on at step 6) must reuse step
+    2's graph, so the compile count must not move during run B at all. Host syncs
     (aten::_local_scalar_dense) may happen only at log points (every 2nd step).
     """
     met = xla
@@ -1000,11 +1001,13 @@ def test_xla_training_has_no_fallbacks_nor_recompiles_and_saves_a_cpu_checkpoint
     s3gan.main(common + ['--steps', '4', '--out', str(tmp_path / 'a')])
     after_a, steps_a = _xla_compiles(met), seen[:]
     seen.clear()
-    s3gan.main(common + ['--steps', '8', '--ema-start', '5', '--out', str(tmp_path / 'b')])
+    s3gan.main(common + ['--steps', '8', '--ema-start', '5', '--standing-batches', '5',
+                         '--out', str(tmp_path / 'b')])
 
     assert steps_a[1][0] - steps_a[0][0] <= 1 and steps_a[3][0] == steps_a[2][0], steps_a
     compiles_b = [c for c, _ in seen]
     assert compiles_b == [after_a] * 8, f'recompiled in run B (after run A: {after_a}): {seen}'
+    assert _xla_compiles(met) == after_a, 'the end of run B (grid, checkpoint) recompiled'
     item_b = [n for _, n in seen]                    # read after each step's sync, before its log
     assert all(item_b[k] == item_b[k - 1] for k in (1, 3, 5, 7)), f'host sync off a log: {seen}'
     assert _xla_fallbacks(met) == {}
@@ -1154,6 +1157,7 @@ def test_xla_to_cpu_materialises_pending_tensors_in_one_graph(xla):
     assert cpu['b'][1][0].tolist() == [0, 1, 4, 9] and cpu['a'].tolist() == [0, 2, 4, 6]
 
 
+@pytest.mark.filterwarnings('ignore:.*the covariance is singular')
 def test_xla_standing_statistics_sampling_and_fid_compile_once_and_equal_cpu(
         xla, tmp_path, monkeypatch):
     """G_ema's end-of-run phases on XLA twice, the second with more batches (standing
@@ -1198,3 +1202,26 @@ def test_xla_standing_statistics_sampling_and_fid_compile_once_and_equal_cpu(
     (mu, sigma), (mu_cpu, sigma_cpu) = stats[1], stats[3]
     np.testing.assert_allclose(mu, mu_cpu, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(sigma, sigma_cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_xla_default_flags_run_label_stage_training_grid_and_checkpoint(xla, tmp_path):
+    """The other XLA tests compile at --xla_backend_optimization_level=0 for speed; a TPU user
+    compiles at the default level. One short s3gan run through every phase (label stage, a
+    step, the sample grid, the checkpoint) must finish with the default XLA flags, in its own
+    process (the flags are read once per process)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                                if 'xla_backend_optimization_level' not in f)
+    out = tmp_path / 'run'
+    argv = XLA_ARGS + ['--method', 's3gan', '--data', tiny_npz(tmp_path / 'data.npz'),
+                       '--steps', '1', '--pretrain-steps', '1', '--pretrain-batch-size', '16',
+                       '--log-every', '1', '--out', str(out)]
+    proc = subprocess.run([sys.executable, '-c', XLA_RUNNER, *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(proc.stdout.rsplit('RESULT ', 1)[1])
+    assert result['fallbacks'] == []
+    assert {'labels.npz', 'pretrain.pt', 'ckpt.pt'} <= set(os.listdir(out))
+    assert os.listdir(out / 'samples') == ['step_0000001.png']
+    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
+    assert ckpt['step'] == 1 and all(torch.isfinite(t).all() for t in ckpt['G_ema'].values())
