@@ -782,45 +782,35 @@ def load_labels(path: str) -> tuple:
                 json.loads(str(f['provenance'])) if 'provenance' in f else {})
 
 
-# Methods that make the same labels.npz (the labeled k%, the same label stage) share it
-LABEL_SOURCES = {'s2gan': 's2gan/s3gan', 's3gan': 's2gan/s3gan', 'clustering': 'clustering(-ss)',
-                 'clustering-ss': 'clustering(-ss)', 's2gan-co': 's2gan-co/s3gan-co',
-                 's3gan-co': 's2gan-co/s3gan-co'}
-
-
 def label_provenance(cfg: Config, ds) -> dict:
-    """Everything labels.npz depends on: the method, the data, the labeled k% and the label
-    stage's settings. Reusing the file with any of them changed is refused (refuse_changes)."""
-    kind = LABEL_SOURCES[cfg.method]
-    p = dict(method=kind, data=cfg.data, images=len(ds), classes=ds.num_classes, seed=cfg.seed,
-             labels_sha1=hashlib.sha1(np.asarray(ds.labels, np.int64).tobytes()).hexdigest())
-    if kind != 'clustering(-ss)':
-        p['labeled_fraction'] = cfg.labeled_fraction
-    if kind != 's2gan-co/s3gan-co':
-        p.update(resolution=cfg.resolution, pretrain_batch_size=cfg.pretrain_batch_size,
-                 pretrain_steps=cfg.pretrain_steps or label_stage_defaults(cfg.resolution)[0],
-                 pretrain_lr=cfg.pretrain_lr)
-    if kind == 'clustering(-ss)':
-        p['clusters'] = cfg.clusters or ds.num_classes or cfg.num_classes
-    return p
+    """Everything labels.npz depends on: reusing it with any of these changed is refused. The
+    methods of a pair (s2gan and s3gan, ...) make the same labels; only the label stage's
+    methods depend on its settings."""
+    kind = {'s3gan': 's2gan', 'clustering-ss': 'clustering', 's3gan-co': 's2gan-co'}.get(
+        cfg.method, cfg.method)
+    return dict(method=kind, data=cfg.data, images=len(ds), seed=cfg.seed,
+                labels_sha1=hashlib.sha1(np.asarray(ds.labels, np.int64).tobytes()).hexdigest(),
+                labeled_fraction=None if kind == 'clustering' else cfg.labeled_fraction,
+                **(dict(resolution=cfg.resolution, pretrain_batch_size=cfg.pretrain_batch_size,
+                        pretrain_steps=cfg.pretrain_steps or label_stage_defaults(cfg.resolution)[0],
+                        pretrain_lr=cfg.pretrain_lr, clusters=cfg.clusters or ds.num_classes
+                        or cfg.num_classes if kind == 'clustering' else 0)
+                   if kind in ('s2gan', 'clustering') else {}))
 
 
 def refuse_changes(path: str, old: dict, new: dict, what_to_do: str):
     """A one-line ValueError naming the first field of `new` whose value `old` does not have."""
-    for k, v in new.items():
-        if old.get(k, 'unrecorded') != v:
-            raise ValueError(f'{path} was made with {k} {old.get(k, "unrecorded")!r}, not '
-                             f'{v!r}: {what_to_do}')
+    for k in (k for k in new if old.get(k, 'unrecorded') != new[k]):
+        raise ValueError(f'{path} was made with {k} {old.get(k, "unrecorded")!r}, not '
+                         f'{new[k]!r}: {what_to_do}')
 
 
 def reuse_labels(path: str, provenance: dict):
-    """load_labels(path) if it exists (else None), refused when made with other settings."""
-    if not os.path.exists(path):
-        return None
-    loaded = load_labels(path)
-    refuse_changes(path, loaded[3], provenance, 'remove it (the labels are made again) or pick '
-                   'another --out')
-    return loaded
+    """load_labels(path) if there is one, refused when it was made with other settings."""
+    if os.path.exists(path):
+        refuse_changes(path, (loaded := load_labels(path))[3], provenance,
+                       'remove it (the labels are made again) or pick another --out')
+        return loaded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -968,7 +958,7 @@ def infer_labels(cfg: Config) -> InferredLabels:
     path, ds = os.path.join(cfg.out, 'labels.npz'), make_dataset(cfg)
     provenance = label_provenance(cfg, ds)
     if (reused := reuse_labels(path, provenance)) is not None:
-        print(f'reusing {path} ({provenance["method"]}, accuracy {reused[2]})')
+        print(f'reusing {path} ({cfg.method}, accuracy {reused[2]})')
         return InferredLabels(*reused[:3])
     true = ds.labels
     if s4l and ds.num_classes == 0:
@@ -1329,31 +1319,30 @@ def method_labels(cfg: Config, dataset, rt: Runtime) -> InferredLabels:
 
 
 def data_report(cfg: Config, dataset, labels: InferredLabels) -> tuple:
-    """(the start-up report, the problem that stops the run or None): images and labeled images
-    per class, checked against what the method needs."""
-    K, y, true = cfg.num_classes, labels.labels, np.asarray(dataset.labels)
-    count = lambda v: np.bincount(v[(v >= 0) & (v < K)], minlength=K)          # noqa: E731
-    spread = lambda c: f'min {c.min()} / median {np.median(c):g} / max {c.max()}'  # noqa: E731
-    k_pct = cfg.method in ('s2gan', 's3gan', 's2gan-co', 's3gan-co')
-    rows = [f'{cfg.data}: {len(y)} images, {K} classes, --method {cfg.method}',
-            'images per class: ' + (spread(count(true)) if (true >= 0).any() else 'no labels')]
-    if cfg.method.startswith('clustering'):
-        rows.append(f'images per cluster: {spread(count(y))}')
-    if k_pct:
-        rows.append(f'labeled images per class: {spread(count(true[labels.labeled]))}')
-    if labels.accuracy is not None:
-        rows.append(f'inferred labels right on the unlabeled images: {labels.accuracy:.1%}')
-    problem, seen = None, y[y >= 0] if uses_classifier(cfg.method) else y   # -1: unlabeled
-    bad, empty = seen[(seen < 0) | (seen >= K)], np.flatnonzero(count(true[labels.labeled]) == 0)
+    """(the start-up report, the problem that stops the run or None): images, and labels the
+    method feeds to D, per class; checked against what the method needs."""
+    K, y, true = label_classes(cfg), labels.labels, np.asarray(dataset.labels)
+
+    def per_class(v, n=cfg.num_classes):              # min / median / max over n classes
+        c = np.bincount(v[(v >= 0) & (v < n)], minlength=n)
+        return f'min {c.min()} / median {np.median(c):g} / max {c.max()}' if len(v) else 'none'
+    rows = [f'{cfg.data}: {len(y)} images, {cfg.num_classes} classes, --method {cfg.method}',
+            f'images per class: {per_class(true[true >= 0])}',
+            f'labeled images per class: {per_class(true[labels.labeled])}',
+            f'labels fed to D per class (of {K}): {per_class(y, K)}'] + (
+        [] if labels.accuracy is None else [f'inferred labels right: {labels.accuracy:.1%}'])
+    seen = y[y >= 0] if uses_classifier(cfg.method) else y            # -1: unlabeled
+    bad, empty = seen[(seen < 0) | (seen >= K)], np.setdiff1d(range(K), true[labels.labeled])
+    problem = None
     if cfg.method in ('single-label', 'random-label'):
-        pass                                         # one label by design; nothing to check
+        pass                                          # one label by design
     elif len(bad):
         problem = (f'{len(bad)} images have labels outside [0, {K}), e.g. {bad[0]}: set '
                    f'--num-classes (clustering: --clusters) to cover them')
     elif len(np.unique(seen)) < 2:
         problem = (f'every image fed to D has label {seen[0]}, but --method {cfg.method} is '
                    f'conditional: is --data {cfg.data} one subfolder per class?')
-    elif (k_pct or cfg.method == 'biggan') and len(empty):
+    elif not cfg.method.startswith('clustering') and len(empty):
         problem = f'class {empty[0]} has no labeled image ({len(empty)} classes have none)'
     return '\n'.join(rows), problem
 
@@ -1370,23 +1359,18 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM or SIGINT: the step was finished and ckpt.pt written; exit code 128 + signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
+    """args (message, signal): SIGTERM or SIGINT came, the step was finished, ckpt.pt written."""
 
 
 @contextlib.contextmanager
 def stop_signals():
-    """Within: SIGTERM and SIGINT are appended to the yielded list instead of ending the
-    process, which stops at the end of the step; a second signal acts as it did before."""
+    """Within: SIGTERM and SIGINT are appended to the yielded list (the run stops at the end of
+    the step) instead of ending the process; a second signal acts as before."""
     received, signals = [], (signal.SIGTERM, signal.SIGINT)
-    main_thread = threading.current_thread() is threading.main_thread()  # or signal() refuses
-    before = [signal.getsignal(s) for s in signals] if main_thread else []
-    restore = lambda *_: [signal.signal(s, h) for s, h in zip(signals, before)]  # noqa: E731
-    for s in signals[:len(before)]:
-        signal.signal(s, lambda signum, frame: received.append(signum) or restore())
+    if threading.current_thread() is not threading.main_thread():   # only it may catch them
+        signals = ()
+    before = {s: signal.signal(s, lambda n, _: received.append(n) or restore()) for s in signals}
+    restore = lambda: [signal.signal(s, h) for s, h in before.items()]  # noqa: E731
     try:
         yield received
     finally:
@@ -1394,13 +1378,13 @@ def stop_signals():
 
 
 def ignore_stop_signals(worker_id: int):
-    """DataLoader workers leave SIGTERM and SIGINT to the main process, which ends them."""
+    """DataLoader workers leave SIGTERM and SIGINT to the main process (which ends them)."""
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
 
 
-# config.json fields a resumed run may change: they do not enter the math of the step (device
-# and precision change only the rounding). Any other change is refused on resume.
+# config.json fields a resumed run may change: they do not enter the math of a step (device and
+# precision change only the rounding). A change of any other field is refused on resume.
 RESUMABLE = {'out', 'steps', 'device', 'precision', 'num_workers', 'log_every', 'sample_every',
              'ckpt_every', 'snapshot_every', 'fid_stats', 'fid_every', 'fid_samples',
              'standing_batches', 'skip_bad_images'}
@@ -1704,8 +1688,8 @@ def main(argv=None):
         else:
             train(cfg)
     except TrainingInterrupted as e:
-        print(f's3gan.py: {e}', file=sys.stderr)
-        sys.exit(128 + e.signum)
+        print(f's3gan.py: {e.args[0]}', file=sys.stderr)
+        sys.exit(128 + e.args[1])
     except (ValueError, OSError, TrainingDiverged) as e:
         print(f's3gan.py: error: {e}', file=sys.stderr)
         sys.exit(2)
