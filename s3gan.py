@@ -783,19 +783,14 @@ def load_labels(path: str) -> tuple:
 
 
 def label_provenance(cfg: Config, ds) -> dict:
-    """Everything labels.npz depends on: reusing it with any of these changed is refused. The
-    methods of a pair (s2gan and s3gan, ...) make the same labels; only the label stage's
-    methods depend on its settings."""
+    """What labels.npz depends on, as given: reusing it with any of these changed is refused.
+    The methods of a pair (s2gan and s3gan, ...) make the same labels."""
     kind = {'s3gan': 's2gan', 'clustering-ss': 'clustering', 's3gan-co': 's2gan-co'}.get(
         cfg.method, cfg.method)
-    return dict(method=kind, data=cfg.data, images=len(ds), seed=cfg.seed,
-                labels_sha1=hashlib.sha1(np.asarray(ds.labels, np.int64).tobytes()).hexdigest(),
-                labeled_fraction=None if kind == 'clustering' else cfg.labeled_fraction,
-                **(dict(resolution=cfg.resolution, pretrain_batch_size=cfg.pretrain_batch_size,
-                        pretrain_steps=cfg.pretrain_steps or label_stage_defaults(cfg.resolution)[0],
-                        pretrain_lr=cfg.pretrain_lr, clusters=cfg.clusters or ds.num_classes
-                        or cfg.num_classes if kind == 'clustering' else 0)
-                   if kind in ('s2gan', 'clustering') else {}))
+    stage = ('resolution', 'pretrain_steps', 'pretrain_batch_size', 'pretrain_lr', 'clusters')
+    return dict(method=kind, data=cfg.data, images=len(ds), **{k: getattr(cfg, k) for k in (
+        'seed', 'labeled_fraction') + (stage if kind in ('s2gan', 'clustering') else ())},
+        labels_sha1=hashlib.sha1(np.asarray(ds.labels, np.int64).tobytes()).hexdigest())
 
 
 def refuse_changes(path: str, old: dict, new: dict, what_to_do: str):
@@ -1333,18 +1328,15 @@ def data_report(cfg: Config, dataset, labels: InferredLabels) -> tuple:
         [] if labels.accuracy is None else [f'inferred labels right: {labels.accuracy:.1%}'])
     seen = y[y >= 0] if uses_classifier(cfg.method) else y            # -1: unlabeled
     bad, empty = seen[(seen < 0) | (seen >= K)], np.setdiff1d(range(K), true[labels.labeled])
-    problem = None
-    if cfg.method in ('single-label', 'random-label'):
-        pass                                          # one label by design
-    elif len(bad):
-        problem = (f'{len(bad)} images have labels outside [0, {K}), e.g. {bad[0]}: set '
-                   f'--num-classes (clustering: --clusters) to cover them')
-    elif len(np.unique(seen)) < 2:
-        problem = (f'every image fed to D has label {seen[0]}, but --method {cfg.method} is '
-                   f'conditional: is --data {cfg.data} one subfolder per class?')
-    elif not cfg.method.startswith('clustering') and len(empty):
-        problem = f'class {empty[0]} has no labeled image ({len(empty)} classes have none)'
-    return '\n'.join(rows), problem
+    first = lambda a: a[0] if len(a) else None                         # noqa: E731
+    problems = [] if cfg.method in ('single-label', 'random-label') else [   # one label: by design
+        (len(bad), f'{len(bad)} images have labels outside [0, {K}), e.g. {first(bad)}: set '
+                   f'--num-classes (clustering: --clusters) to cover them'),
+        (len(np.unique(seen)) < 2, f'every image fed to D has label {first(seen)}, but --method '
+                                   f'{cfg.method} is conditional: one subfolder per class?'),
+        (len(empty) and not cfg.method.startswith('clustering'),
+         f'class {first(empty)} has no labeled image ({len(empty)} classes have none)')]
+    return '\n'.join(rows), next((message for hit, message in problems if hit), None)
 
 
 def save_checkpoint(path: str, state: dict):
@@ -1383,8 +1375,8 @@ def ignore_stop_signals(worker_id: int):
         signal.signal(s, signal.SIG_IGN)
 
 
-# config.json fields a resumed run may change: they do not enter the math of a step (device and
-# precision change only the rounding). A change of any other field is refused on resume.
+# config.json fields a resume may change: not in the step's math (device and precision change
+# only the rounding). Changing any other field is refused on resume.
 RESUMABLE = {'out', 'steps', 'device', 'precision', 'num_workers', 'log_every', 'sample_every',
              'ckpt_every', 'snapshot_every', 'fid_stats', 'fid_every', 'fid_samples',
              'standing_batches', 'skip_bad_images'}
