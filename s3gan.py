@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import inspect
 import json
 import math
@@ -171,8 +170,7 @@ def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: floa
     (sn_size gives its length). M below is w or w^T, so that u always lives on M's rows.
     sigma = u . (M v) with u and v constants, written as a sum of a product: torch.vdot (used by
     torch's parametrized spectral norm) has no XLA lowering and would split every TPU graph.
-    sigma is also copied into `sigma_out` (a device buffer: no host sync), which the training
-    log reads: the largest sigma of a network is the signal BigGAN watched before a collapse.
+    sigma is also copied into `sigma_out` (a device buffer, no host sync) for the training log.
     """
     M = W.flatten(1)                                               # (out, in*kh*kw) = w^T
     if M.shape[1] <= M.shape[0]:
@@ -731,11 +729,8 @@ class FolderDataset(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
-        """Item i, or (i, position) from the training sampler: the crop is then drawn from a
-        generator seeded by (seed, position), a pure function of the sample's place in the
-        stream (not of worker state), so that a resumed run sees an unbroken run's crops."""
-        i, pos = i if isinstance(i, tuple) else (i, None)
+    def __getitem__(self, i):   # i, or (i, position): then the crop is a pure function of
+        i, pos = i if isinstance(i, tuple) else (i, None)   # (seed, position), not worker state
         gen = None if pos is None else torch.Generator().manual_seed(
             int(np.random.SeedSequence((self.seed, pos)).generate_state(1, np.uint64)[0]))
         for j in range(i, i + len(self.files)):    # with skip_bad: the next readable file
@@ -810,21 +805,22 @@ def select_labeled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray
 
 def save_labels(path: str, labels, labeled, accuracy: Optional[float], provenance: dict):
     """labels.npz: `labels` int64 and `labeled` bool in dataset order, `accuracy` on the
-    unlabeled images (NaN when unknown) and what made them (label_provenance, as JSON); written
-    then renamed (atomic)."""
+    unlabeled images (NaN if unknown), what made them (JSON); written then renamed (atomic)."""
     np.savez(path + '.tmp.npz', labels=labels.astype(np.int64), labeled=labeled.astype(bool),
              accuracy=np.float64('nan' if accuracy is None else accuracy),
              provenance=json.dumps(provenance))
     os.replace(path + '.tmp.npz', path)
 
 
-def load_labels(path: str) -> tuple:
-    """-> (labels int64 (N,), labeled bool (N,), accuracy or None, provenance dict)."""
+def load_labels(path: str, provenance: Optional[dict] = None) -> tuple:
+    """-> (labels int64 (N,), labeled bool (N,), accuracy or None, provenance dict); refused
+    when the file was made with other settings than `provenance` (label_provenance)."""
     with np.load(path) as f:
-        acc = float(f['accuracy'])
+        acc, made = float(f['accuracy']), json.loads(str(f.get('provenance', '{}')))
+        refuse_changes(path, made, provenance or {}, 'remove it (the labels are made again) or '
+                       'pick another --out')
         return (f['labels'].astype(np.int64), f['labeled'].astype(bool),
-                None if math.isnan(acc) else acc,
-                json.loads(str(f['provenance'])) if 'provenance' in f else {})
+                None if math.isnan(acc) else acc, made)
 
 
 def label_provenance(cfg: Config, ds) -> dict:
@@ -833,9 +829,9 @@ def label_provenance(cfg: Config, ds) -> dict:
     kind = {'s3gan': 's2gan', 'clustering-ss': 'clustering', 's3gan-co': 's2gan-co'}.get(
         cfg.method, cfg.method)
     stage = ('resolution', 'pretrain_steps', 'pretrain_batch_size', 'pretrain_lr', 'clusters')
-    return dict(method=kind, data=cfg.data, images=len(ds), **{k: getattr(cfg, k) for k in (
-        'seed', 'labeled_fraction') + (stage if kind in ('s2gan', 'clustering') else ())},
-        labels_sha1=hashlib.sha1(np.asarray(ds.labels, np.int64).tobytes()).hexdigest())
+    return dict(method=kind, data=cfg.data, images=len(ds), classes=ds.num_classes, **{
+        k: getattr(cfg, k) for k in ('seed', 'labeled_fraction') + (stage if kind in (
+            's2gan', 'clustering') else ())})
 
 
 def refuse_changes(path: str, old: dict, new: dict, what_to_do: str):
@@ -843,14 +839,6 @@ def refuse_changes(path: str, old: dict, new: dict, what_to_do: str):
     for k in (k for k in new if old.get(k, 'unrecorded') != new[k]):
         raise ValueError(f'{path} was made with {k} {old.get(k, "unrecorded")!r}, not '
                          f'{new[k]!r}: {what_to_do}')
-
-
-def reuse_labels(path: str, provenance: dict):
-    """load_labels(path) if there is one, refused when it was made with other settings."""
-    if os.path.exists(path):
-        refuse_changes(path, (loaded := load_labels(path))[3], provenance,
-                       'remove it (the labels are made again) or pick another --out')
-        return loaded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -997,9 +985,10 @@ def infer_labels(cfg: Config) -> InferredLabels:
                          f'method (only for s2gan, s3gan, clustering, clustering-ss)')
     path, ds = os.path.join(cfg.out, 'labels.npz'), make_dataset(cfg)
     provenance = label_provenance(cfg, ds)
-    if (reused := reuse_labels(path, provenance)) is not None:
-        print(f'reusing {path} ({cfg.method}, accuracy {reused[2]})')
-        return InferredLabels(*reused[:3])
+    if os.path.exists(path):
+        reused = InferredLabels(*load_labels(path, provenance)[:3])
+        print(f'reusing {path} ({cfg.method}, accuracy {reused.accuracy})')
+        return reused
     true = ds.labels
     if s4l and ds.num_classes == 0:
         raise ValueError(f'--method {cfg.method} needs some true labels; --data {cfg.data} has '
@@ -1163,13 +1152,6 @@ class Runtime:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
-
-    def any_process(self, flag: int) -> int:
-        """The largest of a host integer over processes (one tiny gloo all-reduce)."""
-        if self.world > 1:
-            flag = torch.tensor(flag)
-            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, self.cpu_group)
-        return int(flag)
 
 
 def to_cpu(obj):
@@ -1355,12 +1337,12 @@ def method_labels(cfg: Config, dataset, rt: Runtime) -> InferredLabels:
     elif rt.is_main:                                 # s2gan, s3gan, clustering(-ss)
         infer_labels(cfg)
     rt.barrier()
-    return InferredLabels(*reuse_labels(path, provenance)[:3])
+    return InferredLabels(*load_labels(path, provenance)[:3])
 
 
-def data_report(cfg: Config, dataset, labels: InferredLabels) -> tuple:
-    """(the start-up report, the problem that stops the run or None): images, and labels the
-    method feeds to D, per class; checked against what the method needs."""
+def data_report(cfg: Config, dataset, labels: InferredLabels, show: bool) -> str:
+    """The start-up report (printed if `show`): images, and labels the method feeds to D, per
+    class. A ValueError when they are clearly wrong for the method."""
     K, y, true = label_classes(cfg), labels.labels, np.asarray(dataset.labels)
 
     def per_class(v, n=cfg.num_classes):              # min / median / max over n classes
@@ -1369,8 +1351,7 @@ def data_report(cfg: Config, dataset, labels: InferredLabels) -> tuple:
     rows = [f'{cfg.data}: {len(y)} images, {cfg.num_classes} classes, --method {cfg.method}',
             f'images per class: {per_class(true[true >= 0])}',
             f'labeled images per class: {per_class(true[labels.labeled])}',
-            f'labels fed to D per class (of {K}): {per_class(y, K)}'] + (
-        [] if labels.accuracy is None else [f'inferred labels right: {labels.accuracy:.1%}'])
+            f'labels fed to D per class (of {K}): {per_class(y, K)}']
     seen = y[y >= 0] if uses_classifier(cfg.method) else y            # -1: unlabeled
     bad, empty = seen[(seen < 0) | (seen >= K)], np.setdiff1d(range(K), true[labels.labeled])
     first = lambda a: a[0] if len(a) else None                         # noqa: E731
@@ -1381,7 +1362,11 @@ def data_report(cfg: Config, dataset, labels: InferredLabels) -> tuple:
                                    f'{cfg.method} is conditional: one subfolder per class?'),
         (len(empty) and not cfg.method.startswith('clustering'),
          f'class {first(empty)} has no labeled image ({len(empty)} classes have none)')]
-    return '\n'.join(rows), next((message for hit, message in problems if hit), None)
+    if show:
+        print('\n'.join(rows), flush=True)
+    for message in (message for hit, message in problems if hit):
+        raise ValueError(message)
+    return '\n'.join(rows)
 
 
 def save_checkpoint(path: str, state: dict):
@@ -1403,9 +1388,8 @@ class TrainingInterrupted(RuntimeError):
 def stop_signals():
     """Within: SIGTERM and SIGINT are appended to the yielded list (the run stops at the end of
     the step) instead of ending the process; a second signal acts as before."""
-    received, signals = [], (signal.SIGTERM, signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread():   # only it may catch them
-        signals = ()
+    received, signals = [], (signal.SIGTERM, signal.SIGINT)   # only the main thread may catch
+    signals = signals if threading.current_thread() is threading.main_thread() else ()
     before = {s: signal.signal(s, lambda n, _: received.append(n) or restore()) for s in signals}
     restore = lambda: [signal.signal(s, h) for s, h in before.items()]  # noqa: E731
     try:
@@ -1414,10 +1398,8 @@ def stop_signals():
         restore()
 
 
-def ignore_stop_signals(worker_id: int):
-    """DataLoader workers leave SIGTERM and SIGINT to the main process (which ends them)."""
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
+def ignore_stop_signals(worker_id: int):   # DataLoader workers: the main process ends them
+    signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # config.json fields a resume may change: not in the step's math (device and precision change
@@ -1447,11 +1429,7 @@ def train(cfg: Config):
                                         RESUMABLE}, 'resume with it, or pick another --out')
     os.makedirs(os.path.join(cfg.out, 'samples'), exist_ok=True)
     labels = method_labels(cfg, dataset, rt)
-    report, problem = data_report(cfg, dataset, labels)
-    if rt.is_main:
-        print(report, flush=True)
-    if problem:
-        raise ValueError(problem)
+    report = data_report(cfg, dataset, labels, rt.is_main)   # stops the run if they are wrong
     if rt.is_main:                                   # the run is accepted: record it
         for name, text in (('config.json', json.dumps(config, indent=1)), ('report.txt', report)):
             with open(os.path.join(cfg.out, name), 'w') as fh:
@@ -1498,9 +1476,10 @@ def train(cfg: Config):
             sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
             count += 1
             rt.sync()
-            # Every process stops at the same step: the signal flag is agreed on every step, on
-            # the host (a no-op on one process; one tiny gloo all-reduce under torchrun)
-            stop = rt.any_process(received[0] if received else 0)
+            stop = torch.tensor(received[0] if received else 0)   # every process stops at the
+            if rt.world > 1:   # same step: one tiny all-reduce each step, on the host (no sync)
+                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX, rt.cpu_group)
+            stop = int(stop)
             if not (stop or any(due(n) for n in (cfg.log_every, cfg.sample_every, cfg.ckpt_every,
                                                  cfg.snapshot_every, cfg.fid_every))):
                 continue                                           # the usual case: no host sync
@@ -1551,9 +1530,9 @@ def train(cfg: Config):
                 save_checkpoint(os.path.join(cfg.out, 'snapshots', f'step_{step:07d}.pt'),
                                 weights())                         # overwrite them
             if stop and step < cfg.steps:
-                raise TrainingInterrupted(
-                    f'stopped by {signal.Signals(stop).name} after step {step}; {ckpt_path} '
-                    f'holds it: run the same command to resume', stop)
+                raise TrainingInterrupted(f'stopped by {signal.Signals(stop).name} after step '
+                                          f'{step}; {ckpt_path} holds it: run the same command to '
+                                          f'resume', stop)
     return dict(cfg=cfg, step=step, label_acc=labels.accuracy, G_ema=G_ema)
 
 
