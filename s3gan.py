@@ -1523,8 +1523,9 @@ def train(cfg: Config):
                     rng = [None] * rt.world
                     torch.distributed.all_gather_object(rng, rt.rng_state())
                 if rt.is_main:
-                    save_checkpoint(ckpt_path, weights(G=G.state_dict(), opt_G=opt_G.state_dict(
-                    ), opt_D=opt_D.state_dict(), rng=rng, best_fid=best_fid))
+                    save_checkpoint(ckpt_path, weights(G=G.state_dict(), rng=rng, best_fid=best_fid,
+                                                       opt_G=opt_G.state_dict(),
+                                                       opt_D=opt_D.state_dict()))
                 good_step = step
             if step % cfg.snapshot_every == 0 and rt.is_main:     # kept: a collapse cannot
                 save_checkpoint(os.path.join(cfg.out, 'snapshots', f'step_{step:07d}.pt'),

@@ -766,6 +766,31 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_exactly(tmp_path):
     assert step_a == step_b == 40 and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.skipif(not Path('/proc/self/task').exists(), reason='finds the ranks in /proc')
+def test_sigterm_to_one_torchrun_process_stops_every_process_at_the_same_step(tmp_path):
+    command = _train_command(tmp_path, tmp_path / 'run', 40)
+    command[command.index('--num-workers') + 1] = '0'
+    command[command.index('--batch-size') + 1] = '16'           # 8 a process: the rotation layout
+    command[:2] = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                   '--nproc_per_node=2', str(ROOT / 's3gan.py')]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    for line in p.stdout:                                      # rank 0 logs: both are mid-run
+        if line.startswith('step '):
+            ranks = Path(f'/proc/{p.pid}/task/{p.pid}/children').read_text().split()
+            os.kill(int(ranks[-1]), s3gan.signal.SIGTERM)      # one process only
+            break
+    out, err = p.communicate(timeout=300)
+    steps = s3gan.re.findall(r'stopped by SIGTERM after step (\d+)', err)
+    assert p.returncode != 0 and len(steps) == 2 and steps[0] == steps[1], err[-3000:]
+    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == int(steps[0]) < 40 and len(ckpt['rng']) == 2
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and 'resuming from' in r.stdout, r.stderr[-3000:]
+    assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['step'] == 40
+
+
 def test_sample_writes_what_fid_reads(tmp_path):
     cfg = train_cfg(tmp_path, method='biggan', steps=1)
     s3gan.train(cfg)
