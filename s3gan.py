@@ -1426,7 +1426,7 @@ def train(cfg: Config):
         with open(os.path.join(cfg.out, 'config.json')) as fh:
             old = json.load(fh)
         refuse_changes(ckpt_path, old, {k: v for k, v in config.items() if k in old and k not in
-                                        RESUMABLE}, 'resume with it, or pick another --out')
+                                        RESUMABLE}, 'keep it to resume, or pick another --out')
     os.makedirs(os.path.join(cfg.out, 'samples'), exist_ok=True)
     labels = method_labels(cfg, dataset, rt)
     report = data_report(cfg, dataset, labels, rt.is_main)   # stops the run if they are wrong
