@@ -115,8 +115,10 @@ class Config:
     # run
     device: str = 'auto'               # auto|cpu|cuda|xla (auto: cuda, else a TPU, else cpu)
     precision: str = 'fp32'            # fp32|bf16 (bf16 autocast on CUDA and XLA)
+    compile: bool = False              # torch.compile G's and D's forward (same math, faster)
+    channels_last: bool = False        # G's and D's convolutions in NHWC memory layout
     seed: int = 0                      # seeds weights, data order, z, labeled subset
-    num_workers: int = 2               # data-loader processes
+    num_workers: int = -1              # data-loader processes; -1: auto (loader_workers)
     log_every: int = 100               # G steps between log lines
     sample_every: int = 1000           # G steps between sample grids
     ckpt_every: int = 1000             # G steps between checkpoints
@@ -917,6 +919,7 @@ def infer_labels(cfg: Config) -> InferredLabels:
     labeled = (select_labeled(true, cfg.labeled_fraction, cfg.seed) if s4l
                else np.zeros(len(ds), bool))
     device = pick_device(cfg.device)
+    cfg = dataclasses.replace(cfg, num_workers=loader_workers(cfg, device))
     torch.manual_seed(cfg.seed)
     steps, widths = label_stage_defaults(cfg.resolution)
     steps, num_classes = cfg.pretrain_steps or steps, ds.num_classes if s4l else 0
@@ -1071,6 +1074,18 @@ class Runtime:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+
+def loader_workers(cfg: Config, device: torch.device) -> int:
+    """cfg.num_workers; auto (-1): beside an accelerator this process's share of the CPU cores,
+    so that decoding keeps up (benchmarks/throughput.py --data shows it); 2 on a CPU, whose cores
+    train."""
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    if device.type == 'cpu':
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(2, cores // int(os.environ.get('LOCAL_WORLD_SIZE', '1')) - 1)
 
 
 def to_cpu(obj):
@@ -1269,11 +1284,31 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def build_training(cfg: Config, rt: Runtime):
+    """(G, D, G_ema, opt_G, opt_D) on the device, with the same initial weights in every process.
+
+    With cfg.compile, G's and D's forward are compiled in place (state-dict keys unchanged),
+    once per static shape and grad mode: 4 graphs. G_ema only samples and stays eager; XLA
+    compiles the whole step anyway."""
+    torch.manual_seed(cfg.seed)
+    G, D = build_models(cfg)
+    G_ema = copy.deepcopy(G).eval()   # copied on the CPU: on XLA, copies of device tensors alias
+    G, D, G_ema = G.to(rt.device), D.to(rt.device), G_ema.to(rt.device)
+    if cfg.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    if cfg.compile and rt.type != 'xla':
+        G.compile(dynamic=False), D.compile(dynamic=False)
+    rt.manual_seed(cfg.seed)                    # then each its own z and fake labels
+    return G, D, G_ema, rt.adam(G.parameters(), cfg.lr_g, cfg), rt.adam(D.parameters(),
+                                                                        cfg.lr_d, cfg)
+
+
 def train(cfg: Config):
     """Train cfg.method for cfg.steps G steps in cfg.out, resuming from cfg.out/ckpt.pt."""
     rt = Runtime(cfg.device, cfg.precision)
     dataset = make_dataset(cfg)
-    cfg = with_data_classes(cfg, dataset)
+    cfg = dataclasses.replace(with_data_classes(cfg, dataset),
+                              num_workers=loader_workers(cfg, rt.device))
     local = cfg.batch_size // rt.world
     f4 = NUM_ROTATIONS * cfg.rotated_batch_fraction
     if cfg.batch_size % rt.world or (uses_rotation(cfg.method) and local % f4):
@@ -1286,12 +1321,7 @@ def train(cfg: Config):
             json.dump(dataclasses.asdict(cfg), fh, indent=1)
     y_real, label_acc = method_labels(cfg, dataset, rt)
 
-    torch.manual_seed(cfg.seed)                 # the same initial weights in every process
-    G, D = build_models(cfg)
-    G_ema = copy.deepcopy(G).eval()   # copied on the CPU: on XLA, copies of device tensors alias
-    G, D, G_ema = G.to(rt.device), D.to(rt.device), G_ema.to(rt.device)
-    rt.manual_seed(cfg.seed)                    # then each its own z and fake labels
-    opt_G, opt_D = rt.adam(G.parameters(), cfg.lr_g, cfg), rt.adam(D.parameters(), cfg.lr_d, cfg)
+    G, D, G_ema, opt_G, opt_D = build_training(cfg, rt)
     step, ckpt_path = 0, os.path.join(cfg.out, 'ckpt.pt')
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
