@@ -1077,15 +1077,11 @@ class Runtime:
 
 
 def loader_workers(cfg: Config, device: torch.device) -> int:
-    """cfg.num_workers; auto (-1): beside an accelerator this process's share of the CPU cores,
-    so that decoding keeps up (benchmarks/throughput.py --data shows it); 2 on a CPU, whose cores
-    train."""
-    if cfg.num_workers >= 0:
-        return cfg.num_workers
-    if device.type == 'cpu':
-        return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return max(2, cores // int(os.environ.get('LOCAL_WORLD_SIZE', '1')) - 1)
+    """cfg.num_workers, or auto (-1): 2 beside a CPU (its cores train), else this process's share
+    of the cores, so that decoding keeps up (benchmarks/throughput.py --data measures it)."""
+    if cfg.num_workers >= 0 or device.type == 'cpu':
+        return 2 if cfg.num_workers < 0 else cfg.num_workers
+    return max(2, os.cpu_count() // int(os.environ.get('LOCAL_WORLD_SIZE', '1')) - 1)
 
 
 def to_cpu(obj):
@@ -1285,11 +1281,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def build_training(cfg: Config, rt: Runtime):
-    """(G, D, G_ema, opt_G, opt_D) on the device, with the same initial weights in every process.
-
-    With cfg.compile, G's and D's forward are compiled in place (state-dict keys unchanged),
-    once per static shape and grad mode: 4 graphs. G_ema only samples and stays eager; XLA
-    compiles the whole step anyway."""
+    """(G, D, G_ema, opt_G, opt_D) on the device, the same initial weights in every process.
+    cfg.compile compiles G's and D's forward in place (4 graphs: 2 shapes/grad modes each; the
+    state-dict keys stay); G_ema only samples; XLA compiles the whole step anyway."""
     torch.manual_seed(cfg.seed)
     G, D = build_models(cfg)
     G_ema = copy.deepcopy(G).eval()   # copied on the CPU: on XLA, copies of device tensors alias

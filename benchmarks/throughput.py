@@ -191,6 +191,15 @@ class Bench:
         self.run(self.args.steps)
         self.step_s = min(self.step_s, (time.perf_counter() - t) / self.args.steps)
 
+    def profile(self, top=15):
+        """The operators that take the time in one step (torch.profiler), self time first."""
+        from torch.profiler import ProfilerActivity, profile
+        cuda = [ProfilerActivity.CUDA] if self.rt.type == 'cuda' else []
+        with profile(activities=[ProfilerActivity.CPU] + cuda) as prof:
+            self.run(1)
+        sort = 'self_cuda_time_total' if cuda else 'self_cpu_time_total'
+        print(prof.key_averages().table(sort_by=sort, row_limit=top), flush=True)
+
     def row(self):
         cfg, rt, args, step_s, batch = self.cfg, self.rt, self.args, self.step_s, self.cfg.batch_size
         if rt.type == 'cuda':
@@ -261,6 +270,8 @@ def parse_args(argv=None):
     p.add_argument('--rounds', type=int, default=1,
                    help='time every configuration this many times, interleaved, keep the '
                         'fastest (for a machine shared with other work)')
+    p.add_argument('--profile', action='store_true',
+                   help='also print the operators that take the time in one step')
     p.add_argument('--devices', type=int, default=8, help='N for the N-device projection')
     p.add_argument('--peak-tflops', type=float, default=0.0,
                    help='the peak for MFU, instead of the table / the CPU matmul')
@@ -288,17 +299,21 @@ def main(argv=None):
         try:
             bench = Bench(cfg, args)
             bench.time()
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             print(oom_row(cfg), flush=True)
             bench = None
             torch.cuda.empty_cache()
-        if bench and args.rounds == 1:       # report now, free the memory
+        if bench and args.rounds == 1 and not args.profile:   # report now, free the memory
             print(bench.row(), flush=True)
             fastest = max(fastest, bench.img_s())
             bench = None
             torch._dynamo.reset()            # compiled graphs of this configuration
         elif bench:
             benches.append(bench)
+    if args.profile:
+        for bench in benches:
+            print(f'\nprofile: {bench.row()}')
+            bench.profile()
     for _ in range(args.rounds - 1):
         for bench in benches:
             bench.time()
