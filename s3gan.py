@@ -251,10 +251,15 @@ class BatchStandardize(nn.Module):
 
     def forward(self, x):                                          # (B, C, H, W)
         x32 = x.float()
+        train = self.training and not self.accumulate
+        if train and not (torch.distributed.is_initialized()
+                          and torch.distributed.get_world_size() > 1):
+            # one process: the same moments (two-pass variance) from one fused kernel, whose
+            # backward is one kernel too: 2-3x faster than autograd through the lines below
+            return F.batch_norm(x32, None, None, training=True, eps=self.eps).to(x.dtype)
         if self.training or self.accumulate:
             moments = torch.stack([x32.mean((0, 2, 3)), x32.square().mean((0, 2, 3))])  # (2, C)
-            if (self.training and not self.accumulate and torch.distributed.is_initialized()
-                    and torch.distributed.get_world_size() > 1):
+            if train:   # many processes: moments of the global batch
                 moments = _AllReduceSum.apply(moments) / torch.distributed.get_world_size()
             mean, var = moments[0], moments[1] - moments[0].square()
         if self.accumulate:   # add this batch, then normalise with the averages so far
