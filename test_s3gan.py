@@ -719,24 +719,26 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path):
 # Speed: torch.compile and the throughput benchmark (benchmarks/throughput.py)
 # ----------------------------------------------------------------------------------------------
 
-def test_compiled_step_equals_eager_step():
-    """Config.compile compiles G's and D's forward: the same math, so the same losses."""
+def test_compiled_and_channels_last_steps_equal_the_default_step():
+    """Config.compile and Config.channels_last change the speed, not the math: the same losses
+    (and, compiled, the same step after the updates)."""
     cfg = tiny(method='s3gan-co', num_classes=4, batch_size=8)
     rt, g = s3gan.Runtime('cpu'), torch.Generator().manual_seed(1)
     y_true = torch.arange(8) % 4
     batches = [(torch.rand(8, 3, 32, 32, generator=g), torch.where(torch.arange(8) < 4, y_true,
                                                                     -1), y_true)] * 2
     runs = []
-    for compiled in (False, True):
+    for kw in (dict(), dict(compile=True), dict(channels_last=True)):
         G, D, G_ema, opt_G, opt_D = s3gan.build_training(
-            s3gan.dataclasses.replace(cfg, compile=compiled), rt)    # same weights and z seed
+            s3gan.dataclasses.replace(cfg, **kw), rt)               # same weights and z seed
         runs.append([s3gan.train_step((G, D, G_ema, G, D), (opt_G, opt_D), batches, cfg, rt, 0.0)
                      for _ in range(2)])                            # the 2nd step after updates
     torch._dynamo.reset()
-    for eager, compiled in zip(*runs):
-        assert eager.keys() == compiled.keys()
-        for k in eager:
-            assert torch.allclose(eager[k], compiled[k], rtol=1e-4, atol=1e-4), k
+    for default, *others in zip(*runs):
+        for other in others:
+            assert default.keys() == other.keys()
+            for k in default:
+                assert torch.allclose(default[k], other[k], rtol=1e-4, atol=1e-4), k
 
 
 def _throughput():

@@ -80,8 +80,10 @@ EOF
 part "bf16 eager batch $B2, then the data loader" 100 "${BENCH[@]}" --batch "$B2" \
   --precision bf16 --data "$JPEGS" --loader-batches 10
 part "fp32 eager batch $B1 and $B2" 120 "${BENCH[@]}" --batch "$B1,$B2" --precision fp32
-part "bf16 eager channels_last batch $B1" 80 "${BENCH[@]}" --batch "$B1" --precision bf16 \
-  --channels-last yes
+part "bf16 eager batch $B1, NCHW and channels_last, profiled" 150 "${BENCH[@]}" --batch "$B1" \
+  --precision bf16 --channels-last both --profile
+part "bf16 compiled channels_last batch $B1" 200 "${BENCH[@]}" --batch "$B1" --precision bf16 \
+  --compile yes --channels-last yes
 part "bf16 compiled batch $B2" 150 "${BENCH[@]}" --batch "$B2" --precision bf16 --compile yes
 part "fp32 compiled batch $B1" 150 "${BENCH[@]}" --batch "$B1" --precision fp32 --compile yes
 
