@@ -212,7 +212,7 @@ class Bench:
         paper = PAPER_G_STEPS * step_s * PAPER_BATCH / batch
         return (f'| {device_name(rt)} | {cfg.resolution} | {cfg.ch} | {cfg.method} | {batch} '
                 f'| {cfg.precision} | {"yes" if cfg.compile else "no"} '
-                f'| {"yes" if cfg.channels_last else "no"} | {self.img_s():.1f} '
+                f'| {"yes" if cfg.channels_last else "no"} | {self.img_s():.3g} '
                 f'| {step_s * 1e3:.1f} | {self.flops / 1e9:.1f} | {tflops:.3g} | {mfu} '
                 f'| {memory:.1f} | {self.warmup_s:.1f} | {duration(paper)} '
                 f'| {duration(paper / args.devices)} |')
