@@ -201,7 +201,8 @@ class Bench:
         print(prof.key_averages().table(sort_by=sort, row_limit=top), flush=True)
 
     def row(self):
-        cfg, rt, args, step_s, batch = self.cfg, self.rt, self.args, self.step_s, self.cfg.batch_size
+        cfg, rt, args, step_s = self.cfg, self.rt, self.args, self.step_s
+        batch = cfg.batch_size
         if rt.type == 'cuda':
             memory = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30
         else:   # Linux reports kilobytes
