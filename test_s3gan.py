@@ -894,6 +894,75 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Speed: torch.compile and the throughput benchmark (benchmarks/throughput.py)
+# ----------------------------------------------------------------------------------------------
+
+def test_compiled_and_channels_last_steps_equal_the_default_step():
+    """Config.compile and Config.channels_last change the speed, not the math: one step from the
+    same state gives the same losses, and gradients that point the same way. (Elementwise, G's
+    gradients at initialisation differ by up to ~1% between layouts or kernels: they are small
+    differences of large terms through both networks, and a tiny lr keeps Adam's +-lr moves
+    between the D sub-steps from adding to that. All reals are labeled: an argmax of near-tied
+    classifier logits would be no continuous function.)"""
+    cfg = tiny(method='s3gan-co', num_classes=4, batch_size=8, lr_g=1e-7, lr_d=1e-7)
+    rt, g = s3gan.Runtime('cpu'), torch.Generator().manual_seed(1)
+    y = torch.arange(8) % 4
+    batches = [(torch.rand(8, 3, 32, 32, generator=g), y, y)] * 2
+    runs = []
+    for kw in (dict(), dict(compile=True), dict(channels_last=True)):
+        G, D, G_ema, opt_G, opt_D = s3gan.build_training(
+            s3gan.dataclasses.replace(cfg, **kw), rt)               # same weights and z seed
+        stats = s3gan.train_step((G, D, G_ema, G, D), (opt_G, opt_D), batches, cfg, rt, 0.0)
+        runs.append((kw, stats, [p.grad for p in [*G.parameters(), *D.parameters()]]))
+    torch._dynamo.reset()
+    _, stats, grads = runs[0]
+    largest = max(a.norm() for a in grads)
+    for kw, other_stats, other_grads in runs[1:]:
+        assert stats.keys() == other_stats.keys()
+        for k in stats:
+            assert torch.allclose(stats[k], other_stats[k], rtol=1e-4, atol=1e-5), (kw, k)
+        for a, b in zip(grads, other_grads):
+            if a.norm() > 1e-6 * largest:     # not a zero-mean rounding residue (bias before BN)
+                assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99, kw
+
+
+def _throughput():
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import throughput
+    return throughput
+
+
+def test_benchmark_flops_are_affine_in_the_batch_and_cpu_attention_is_counted():
+    throughput = _throughput()
+    cfg, rt = tiny(method='s3gan', num_classes=4), s3gan.Runtime('cpu')
+    f8, f16, f24 = (throughput.count_flops(cfg, rt, b) for b in (8, 16, 24))
+    assert f8 > 0 and f24 - f16 == f16 - f8                     # what the extrapolation uses
+    q, k, v = torch.randn(2, 1, 64, 8), torch.randn(2, 1, 16, 8), torch.randn(2, 1, 16, 8)
+    with throughput.flop_counter.FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(q, k, v)                 # CPU flash kernel: no bmm
+    assert counter.get_total_flops() == 2 * (2 * 64 * 16 * 8) * 2   # q k^T and A v, batch 2
+
+
+def test_benchmark_runs_at_a_tiny_size(tmp_path):
+    for c in range(2):
+        (tmp_path / 'data' / f'c{c}').mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(draw_shape(0, i, 48)).save(tmp_path / 'data' / f'c{c}' / f'{i}.jpg')
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'throughput.py'), '--device',
+                        'cpu', '--resolution', '32', '--ch', '4', '--num-classes', '4', '--batch',
+                        '8', '--warmup', '1', '--steps', '1', '--data', str(tmp_path / 'data'),
+                        '--num-workers', '0', '--loader-batches', '2', '--peak-tflops', '1'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split('|')[1:-1] for line in r.stdout.splitlines() if line.startswith('| CPU')]
+    assert len(rows) == 1 and len(rows[0]) == r.stdout.splitlines()[0].count('|') - 1
+    img_s, ms, gflop = (float(rows[0][i]) for i in (8, 9, 10))
+    assert abs(img_s * ms / 1e3 / (2 * 8) - 1) < 0.01 and gflop > 0   # 2 D sub-steps of 8
+    assert ' d |' in r.stdout or ' h |' in r.stdout             # the projected paper run
+    assert 'data loader on' in r.stdout and 'img/s' in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
 # fid.py: random Inception weights (the real file cannot be downloaded in CI), so only
 # the closed-form tests check FID values
 # ----------------------------------------------------------------------------------------------
