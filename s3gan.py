@@ -169,7 +169,7 @@ def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: floa
 
     compare_gan reads the kernel as w (in*kh*kw, out) and, with the gin's singular_value="auto",
     keeps u on w's smaller side: the input side where in*kh*kw <= out, else the output side
-    (sn_size gives its length). M below is w or w^T, so that u always lives on M's rows.
+    (u has the length of that side). M below is w or w^T, so that u always lives on M's rows.
     sigma = u . (M v) with u and v constants, written as a sum of a product: torch.vdot (used by
     torch's parametrized spectral norm) has no XLA lowering and would split every TPU graph.
     sigma is also copied into `sigma_out` (a device buffer, no host sync) for the training log.
@@ -188,17 +188,12 @@ def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: floa
     return W / sigma
 
 
-def sn_size(out_features: int, in_features: int) -> int:
-    """Length of u: w's smaller side (compare_gan singular_value="auto")."""
-    return min(out_features, in_features)
-
-
 class SNConv2d(nn.Conv2d):
     """A 'same'-padded conv whose kernel is spectrally normalised on every forward pass."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, bias: bool = True):
         super().__init__(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=bias)
-        self.register_buffer('u', torch.randn(sn_size(out_ch, in_ch * kernel_size ** 2)))
+        self.register_buffer('u', torch.randn(min(out_ch, in_ch * kernel_size ** 2)))  # 'auto'
         self.register_buffer('sigma_w', torch.zeros(()), persistent=False)   # for the log
 
     def forward(self, x):
@@ -211,7 +206,7 @@ class SNLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
-        self.register_buffer('u', torch.randn(sn_size(out_features, in_features)))  # N(0, 1)
+        self.register_buffer('u', torch.randn(min(out_features, in_features)))  # 'auto'
         self.register_buffer('sigma_w', torch.zeros(()), persistent=False)
 
     def normalized_weight(self):
@@ -219,22 +214,6 @@ class SNLinear(nn.Linear):
 
     def forward(self, x):
         return F.linear(x, self.normalized_weight(), self.bias)
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes; the gradient of each input is the sum of the outputs' gradients."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad)
-        return grad
 
 
 class BatchStandardize(nn.Module):
@@ -269,7 +248,8 @@ class BatchStandardize(nn.Module):
         if self.training or self.accumulate:
             moments = torch.stack([x32.mean((0, 2, 3)), x32.square().mean((0, 2, 3))])  # (2, C)
             if train:   # many processes: moments of the global batch
-                moments = _AllReduceSum.apply(moments) / torch.distributed.get_world_size()
+                from torch.distributed.nn.functional import all_reduce   # differentiable
+                moments = all_reduce(moments) / torch.distributed.get_world_size()
             mean, var = moments[0], moments[1] - moments[0].square()
         if self.accumulate:   # add this batch, then normalise with the averages so far
             self.accu_mean += mean
