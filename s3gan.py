@@ -1429,6 +1429,66 @@ def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
     return float(fid.frechet_distance(mu, sigma, ref['mu'], ref['sigma']))
 
 
+def load_judge(cfg: Config, device) -> FeatureNet:
+    """The demo's judge: a FeatureNet trained with S4L on *all* true labels of cfg.data, its own
+    instance (neither the label stage's weights nor D). Trained once per resolution, cached in
+    cfg.out. Ours: the shapes' labels are free, so it scores what FID and IS score on ImageNet."""
+    path, (steps, widths) = os.path.join(cfg.out, f'judge_{cfg.resolution}.pt'), \
+        label_stage_defaults(cfg.resolution)
+    ds = make_dataset(cfg)
+    if os.path.exists(path):
+        net = FeatureNet(widths, ds.num_classes)
+        net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        return net.to(device).eval()
+    print(f'judge: a classifier on all {len(ds)} true labels', flush=True)
+    torch.manual_seed(cfg.seed + 1)
+    net = pretrain(cfg, ds, np.ones(len(ds), bool), ds.num_classes, cfg.pretrain_steps or steps,
+                   widths, device)
+    os.makedirs(cfg.out, exist_ok=True)
+    save_checkpoint(path, net.state_dict())
+    return net.eval()
+
+
+@torch.no_grad()
+def judge_scores(judge: FeatureNet, G, cfg: Config, rt: Runtime, num: int = 1000) -> dict:
+    """For `num` samples of G with standing statistics: class accuracy (for label-free methods
+    after the best one-to-one matching of G's classes to true ones) and the Frechet distance to
+    real images in the judge's feature space; real_*: the same for held-out real images."""
+    import fid   # lazily, as for FID
+    device = next(judge.parameters()).device
+
+    def predict(x):   # (N, 3, R, R) in [0, 1] -> predicted classes, feature mean and covariance
+        h = torch.cat([judge(b.to(device)) for b in x.split(250)])
+        return judge.cls_head(h).argmax(1).cpu().numpy(), *fid.feature_statistics(h.cpu())
+
+    real = []
+    for s in (1, 2):   # held-out: the embedded set drawn from other seeds
+        ds = make_dataset(dataclasses.replace(cfg, num_images=num, seed=cfg.seed + 1000 * s))
+        real.append((torch.stack([ds[i][0] for i in range(num)]), np.asarray(ds.labels)))
+    xs, ys = zip(*generate_uint8(G, num, cfg, rt, seed=cfg.seed + 7))
+    x, y = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2) / 255, np.concatenate(ys)
+    (pred, *st), (pred_r, *st_r), (_, *st_r2) = predict(x), predict(real[0][0]), predict(real[1][0])
+    matched = cfg.method in ('single-label', 'random-label') or cfg.method.startswith('cluster')
+    return dict(class_acc=cluster_accuracy(y, pred) if matched else float((pred == y).mean()),
+                fd=fid.frechet_distance(*st, *st_r), real_acc=float((pred_r == real[0][1]).mean()),
+                real_fd=fid.frechet_distance(*st_r2, *st_r), real=real[0])
+
+
+def save_named_rows(rows: list, path: str, scale: int = 2):
+    """One PNG, a row per (name, images (N, 3, R, R) in [0, 1]): the name, then the images
+    (NaN images are left blank), enlarged `scale` times."""
+    from PIL import ImageFont
+    font, R = ImageFont.load_default(), rows[0][1].shape[-1] * scale
+    left = max(font.getbbox(name)[2] for name, _ in rows) + 8
+    img = Image.new('RGB', (left + max(len(x) for _, x in rows) * R, len(rows) * R), 'white')
+    for r, (name, x) in enumerate(rows):
+        ImageDraw.Draw(img).text((4, r * R + R // 2 - 6), name, fill='black', font=font)
+        for c, tile in enumerate((x.nan_to_num(1) * 255).round().byte().permute(0, 2, 3, 1)):
+            img.paste(Image.fromarray(tile.numpy()).resize((R, R), Image.NEAREST),
+                      (left + c * R, r * R))
+    img.save(path)
+
+
 def load_run(out: str, device: str = 'auto'):
     """(cfg, G_ema, rt) from a run folder: config.json and ckpt.pt."""
     for name in ('config.json', 'ckpt.pt'):
@@ -1544,11 +1604,24 @@ def demo():
           f'{cfg.out}/')
     t = time.time()
     result = train(cfg)
-    print(f'\nDone in {(time.time() - t) / 60:.1f} min: label inference, then {result["step"]} G '
-          f'steps.')
+    cfg, G_ema, rt = result['cfg'], result['G_ema'], Runtime(cfg.device)
+    scores = judge_scores(load_judge(cfg, rt.device), G_ema, cfg, rt)
+    print(f'\nDone in {(time.time() - t) / 60:.1f} min: label inference, {result["step"]} G '
+          f'steps, the judge.')
     if result['label_acc'] is not None:
         print(f'Inferred labels: {result["label_acc"]:.1%} right on the unlabeled images.')
-    print(f'Samples (one row per class, G_ema): {cfg.out}/samples/step_{result["step"]:07d}.png')
+    print(f'Judge (a classifier trained on all true labels), 1000 samples of G_ema: class '
+          f'accuracy {scores["class_acc"]:.2f} (chance 0.10), FD {scores["fd"]:.2f}; real '
+          f'images: {scores["real_acc"]:.3f}, FD {scores["real_fd"]:.2f}.')
+    x_real, y_real = scores['real']
+    z = torch.randn(cfg.num_classes * 8, cfg.z_dim, generator=torch.Generator().manual_seed(1))
+    x = generate(G_ema, z.to(rt.device), torch.arange(cfg.num_classes).repeat_interleave(8)
+                 .to(rt.device), rt).view(cfg.num_classes, 8, *x_real.shape[1:])
+    gap = torch.full((1,) + x_real.shape[1:], float('nan'))
+    save_named_rows([(name, torch.cat([x_real[y_real == c][:4], gap, x[c]])) for c, name in
+                     enumerate(SHAPES)], os.path.join(cfg.out, 'samples', 'final.png'))
+    print(f'Samples (a row per class: 4 real images, then 8 of G_ema): '
+          f'{cfg.out}/samples/final.png')
     print(f'Checkpoint: {cfg.out}/ckpt.pt   log: {cfg.out}/log.jsonl')
 
 
