@@ -28,7 +28,9 @@ before its 1x1 conv (the same linear map, 4x cheaper).
 
 Exact parameter counts (asserted by the tests; equal to compare_gan's):
     128x128, ch 96, 1000 classes: G 70,433,988; D 87,982,370 (biggan), 87,988,518 (s3gan),
-    89,525,518 (s3gan-co). 256x256: G 82,097,604; D 98,635,298 (biggan).
+    89,525,518 (s3gan-co). 256x256: G 82,097,604; D 98,635,298 (biggan). 512x512: G 82,468,068;
+    D 98,801,378 (biggan). 32x32, ch 96, 10 classes (D attention after B1): G 9,360,899;
+    D 2,378,114 (biggan).
 """
 
 import argparse
@@ -61,7 +63,8 @@ METHODS = ('biggan', 'single-label', 'random-label', 'clustering', 'clustering-s
 # Per-resolution architecture (compare_gan architectures/resnet_biggan.py): G and D channel
 # multipliers, the block after which self-attention sits (1-based, 0 = none) and z size.
 ARCH = {
-    32: dict(g_mult=(4, 4, 4, 4), d_mult=(2, 2, 2, 2), g_attn=0, d_attn=0, z_dim=128),
+    # at 32 the class defaults hold: D's "B1" exists, G's "B4" does not (G has 3 blocks)
+    32: dict(g_mult=(4, 4, 4, 4), d_mult=(2, 2, 2, 2), g_attn=0, d_attn=1, z_dim=128),
     64: dict(g_mult=(16, 16, 8, 4, 2), d_mult=(2, 4, 8, 16, 16), g_attn=4, d_attn=1, z_dim=120),
     128: dict(g_mult=(16, 16, 8, 4, 2, 1), d_mult=(1, 2, 4, 8, 16, 16), g_attn=4, d_attn=1,
               z_dim=120),
@@ -123,8 +126,9 @@ class Config:
     fid_stats: str = ''                # reference statistics (.npz) for FID during training
     fid_every: int = 10000             # G steps between FID evaluations
     fid_samples: int = 10000           # samples per FID evaluation (paper: 50k)
-    standing_batches: int = 100        # batches of 64 for the training-time sample grid's
-    #                                    standing statistics (evaluation uses 3,200: paper's)
+    standing_batches: int = 3200       # batches of 64 for standing statistics in sample/FID
+    #                                    (eval_gan_lib num_accu_examples: 204,800 = 3,200 x 64)
+    grid_standing_batches: int = 100   # the same for the training-time grid (ours: fewer, cheap)
     skip_bad_images: bool = False      # skip unreadable images with a warning, not stop
 
     def __post_init__(self):
@@ -156,18 +160,27 @@ def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: floa
     """W / sigma(W), sigma from one power iteration on the persistent vector u (compare_gan
     arch_ops.spectral_norm).
 
-    W is read as a matrix (out, in*kh*kw); u (out,) is updated in place when `update`.
-    sigma = u . (W v) with u and v constants, written as a sum of a product: torch.vdot (used by
+    compare_gan reads the kernel as w (in*kh*kw, out) and, with the gin's singular_value="auto",
+    keeps u on w's smaller side: the input side where in*kh*kw <= out, else the output side
+    (sn_size gives its length). M below is w or w^T, so that u always lives on M's rows.
+    sigma = u . (M v) with u and v constants, written as a sum of a product: torch.vdot (used by
     torch's parametrized spectral norm) has no XLA lowering and would split every TPU graph.
     """
-    W_mat = W.flatten(1)                                          # (out, in*kh*kw)
+    M = W.flatten(1)                                               # (out, in*kh*kw) = w^T
+    if M.shape[1] <= M.shape[0]:
+        M = M.t()                                                  # u on the input side
     with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
-        v = F.normalize(W_mat.t() @ u, dim=0, eps=eps)           # (in*kh*kw,)
-        u_new = F.normalize(W_mat @ v, dim=0, eps=eps)           # (out,)
+        v = F.normalize(M.t() @ u, dim=0, eps=eps)
+        u_new = F.normalize(M @ v, dim=0, eps=eps)
         if update:
             u.copy_(u_new)
-    sigma = (u_new * (W_mat @ v)).sum()
+    sigma = (u_new * (M @ v)).sum()
     return W / sigma
+
+
+def sn_size(out_features: int, in_features: int) -> int:
+    """Length of u: w's smaller side (compare_gan singular_value="auto")."""
+    return min(out_features, in_features)
 
 
 class SNConv2d(nn.Conv2d):
@@ -175,7 +188,7 @@ class SNConv2d(nn.Conv2d):
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, bias: bool = True):
         super().__init__(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=bias)
-        self.register_buffer('u', torch.randn(out_ch))            # compare_gan: u ~ N(0, 1)
+        self.register_buffer('u', torch.randn(sn_size(out_ch, in_ch * kernel_size ** 2)))
 
     def forward(self, x):
         W = spectral_normalize(self.weight, self.u, self.training)
@@ -187,7 +200,7 @@ class SNLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
-        self.register_buffer('u', torch.randn(out_features))
+        self.register_buffer('u', torch.randn(sn_size(out_features, in_features)))  # N(0, 1)
 
     def normalized_weight(self):
         return spectral_normalize(self.weight, self.u, self.training)
@@ -216,35 +229,39 @@ class BatchStandardize(nn.Module):
     """(x - E[x]) / sqrt(Var[x] + eps) over (N, H, W) of the *global* batch
     (compare_gan arch_ops.standardize_batch).
 
-    The moments are E[x] and E[x^2] - E[x]^2 (biased), as compare_gan's cross-replica moments.
-    Under torchrun they are summed over processes with a differentiable all-reduce, so every
-    process standardises with the moments of the whole batch, like the paper's TPU pod
-    (nn.SyncBatchNorm would do this too, but refuses CPU tensors). Under XLA SPMD the program
-    already sees the global batch. There are no running averages (use_moving_averages=False):
-    in eval mode the layer uses standing statistics that `standing_statistics` fills.
+    The moments are E[x] and E[x^2] - E[x]^2 (biased), as compare_gan's cross-replica moments,
+    taken in float32 as compare_gan does (it casts first): in bf16, E[x^2] - E[x]^2 cancels
+    catastrophically where |mean| >> std. Under torchrun they are summed over processes with a
+    differentiable all-reduce, so every process standardises with the moments of the whole batch,
+    like the paper's TPU pod (nn.SyncBatchNorm would do this too, but refuses CPU tensors). Under
+    XLA SPMD the program already sees the global batch. There are no running averages
+    (use_moving_averages=False): in eval mode the layer uses the standing statistics that
+    `standing_statistics` accumulates (arch_ops._accumulated_moments_for_inference).
     """
 
     def __init__(self, num_features: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.accumulate = False   # set by standing_statistics(): batch moments, summed up
-        self.register_buffer('standing_mean', torch.zeros(num_features))
-        self.register_buffer('standing_var', torch.ones(num_features))
+        self.accumulate = False   # set by standing_statistics()
+        self.register_buffer('accu_mean', torch.zeros(num_features))   # sums of batch moments
+        self.register_buffer('accu_var', torch.ones(num_features))
+        self.register_buffer('accu_count', torch.ones(()))
 
     def forward(self, x):                                          # (B, C, H, W)
+        x32 = x.float()
         if self.training or self.accumulate:
-            moments = torch.stack([x.mean((0, 2, 3)), x.square().mean((0, 2, 3))])  # (2, C)
-            if (self.training and torch.distributed.is_initialized()
+            moments = torch.stack([x32.mean((0, 2, 3)), x32.square().mean((0, 2, 3))])  # (2, C)
+            if (self.training and not self.accumulate and torch.distributed.is_initialized()
                     and torch.distributed.get_world_size() > 1):
                 moments = _AllReduceSum.apply(moments) / torch.distributed.get_world_size()
             mean, var = moments[0], moments[1] - moments[0].square()
-            if self.accumulate:
-                with torch.no_grad():
-                    self.standing_mean += mean
-                    self.standing_var += var
-        else:
-            mean, var = self.standing_mean, self.standing_var
-        return (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
+        if self.accumulate:   # add this batch, then normalise with the averages so far
+            self.accu_mean += mean
+            self.accu_var += var
+            self.accu_count += 1
+        if self.accumulate or not self.training:
+            mean, var = self.accu_mean / self.accu_count, self.accu_var / self.accu_count
+        return ((x32 - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)).to(x.dtype)
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -641,18 +658,45 @@ class BadImageError(ValueError):
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 
 
-def random_square_crop(w: int, h: int, augment: bool) -> tuple:
-    """A square (left, top, right, bottom) covering 50-100% of the area (compare_gan datasets.py), or the
-    central square without `augment`. torch's RNG, so that DataLoader workers differ.
-    NOTE (deviation): where no such square fits, TF takes the whole (non-square) image; we cap
-    the side at the shorter edge."""
+def random_square_crop(w: int, h: int, augment: bool, gen: Optional[torch.Generator] = None):
+    """(left, top, right, bottom): a random square of 50-100% of the area, drawn as compare_gan's
+    tf.image.sample_distorted_bounding_box(aspect_ratio_range=[1, 1], area_range=[0.5, 1]) does
+    (TF's GenerateRandomCrop), or the middle square without `augment` (the eval transform).
+
+    TF draws the integer side s uniformly in [round(sqrt(0.5 w h)), min(round(sqrt(w h)), w, h)]
+    (the maximum clamped to the image, not redrawn), nudges s by one where s^2 leaves the area
+    range, and the corner uniformly in [0, w - s) x [0, h - s) (the last offset never drawn, as in
+    TF). Where no square fits (an aspect ratio beyond 2:1), TF's 100 attempts all fail and it
+    takes the whole, non-square image, which the resize then squashes; so do we.
+    """
     if not augment:
         s = min(w, h)
         return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
-    r = torch.rand(3).tolist()
-    s = max(1, min(w, h, round(math.sqrt((0.5 + 0.5 * r[0]) * w * h))))
-    left, top = int(r[1] * (w - s + 1)), int(r[2] * (h - s + 1))
+    lo, hi = round(math.sqrt(0.5 * w * h)), min(round(math.sqrt(w * h)), w, h)
+    s = min(lo, hi)
+    s += int(torch.randint(hi - s + 1, (), generator=gen))
+    if s * s < 0.5 * w * h:
+        s += 1
+    if s * s > w * h:
+        s -= 1
+    if not 0 < s <= min(w, h) or s * s < 0.5 * w * h:
+        return 0, 0, w, h
+    left, top = (int(torch.randint(max(1, n - s), (), generator=gen)) for n in (w, h))
     return left, top, left + s, top + s
+
+
+def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size) as TF1's tf.image.resize_images (bilinear, align_corners=False,
+    no half-pixel centres, no antialiasing), which compare_gan applies to the float crop: output
+    pixel i reads the input at i * in/out, between floor and floor + 1 (clamped to the edge)."""
+    for dim in (1, 2):
+        n = x.shape[dim]
+        src = torch.arange(size, dtype=torch.float32) * (n / size)
+        i0 = src.floor().long()
+        frac = (src - i0).view([size if d == dim else 1 for d in range(3)])
+        a, b = x.index_select(dim, i0), x.index_select(dim, (i0 + 1).clamp(max=n - 1))
+        x = a + (b - a) * frac
+    return x
 
 
 class FolderDataset(Dataset):
@@ -685,9 +729,10 @@ class FolderDataset(Dataset):
                     raise BadImageError(f'cannot read image {path}: {e}') from None
                 warnings.warn(f'skipping unreadable image {path}: {e}')
                 continue
-            box = random_square_crop(img.width, img.height, self.augment)
-            img = img.resize((self.resolution,) * 2, Image.BILINEAR, box=box)
-            return _to_tensor(np.asarray(img)), int(self.labels[j % len(self.files)])
+            left, top, right, bottom = random_square_crop(img.width, img.height, self.augment)
+            x = _to_tensor(np.array(img))[:, top:bottom, left:right]       # float, then resize
+            x = resize_tf1_bilinear(x, self.resolution)
+            return x, int(self.labels[j % len(self.files)])
         raise BadImageError(f'--data: no readable image in {len(self.files)} files')
 
 
@@ -1344,7 +1389,8 @@ def train(cfg: Config):
                   + f' | {row["images_per_s"]:.0f} img/s | eta {eta / 60:.1f} min', flush=True)
             sums, count, t_log = {}, 0, time.time()
         if (step % cfg.sample_every == 0 or last) and rt.is_main:
-            standing_statistics(G_ema, cfg.standing_batches, cfg.seed + 1)
+            standing_statistics(G_ema, min(cfg.grid_standing_batches, cfg.standing_batches),
+                                cfg.seed + 1)
             x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), rt)
             save_grid(x, len(rows), os.path.join(cfg.out, 'samples', f'step_{step:07d}.png'))
         if cfg.fid_stats and (step % cfg.fid_every == 0 or last) and rt.is_main:
@@ -1371,22 +1417,26 @@ def train(cfg: Config):
 
 @torch.no_grad()
 def standing_statistics(G, num_batches: int, seed: int, batch_size: int = 64):
-    """Set every BN of G to the average of its batch moments over sampled batches
-    (compare_gan eval_gan_lib._update_bn_accumulators)."""
+    """Fill every BN of G with its batch moments averaged over sampled batches (compare_gan
+    eval_gan_lib._update_bn_accumulators: 3,200 batches of 64, z ~ N(0, I), uniform labels).
+
+    As there, each BN normalises with the running average including the current batch while
+    accumulating, and the power iteration keeps updating u (TF's spectral_norm updates u on every
+    call, on the EMA weights too): G runs in training mode, with the BNs accumulating.
+    """
     layers = [m for m in G.modules() if isinstance(m, BatchStandardize)]
     for m in layers:
-        m.standing_mean.zero_(), m.standing_var.zero_()
+        m.accu_mean.zero_(), m.accu_var.zero_(), m.accu_count.zero_()
         m.accumulate = True
-    G.eval()                                      # no power iterations, and no all-reduce
+    G.train()
     gen, device = torch.Generator().manual_seed(seed), next(G.parameters()).device
     K, z_dim = G.embed_y.num_embeddings, G.chunk * G.num_chunks
     for _ in range(num_batches):
         z = torch.randn(batch_size, z_dim, generator=gen).to(device)
         G(z, torch.randint(0, K, (batch_size,), generator=gen).to(device))
     for m in layers:
-        m.standing_mean /= num_batches
-        m.standing_var /= num_batches
         m.accumulate = False
+    G.eval()
 
 
 @torch.no_grad()

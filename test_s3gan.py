@@ -56,6 +56,8 @@ PAPER_COUNTS = [  # (resolution, method, G, D): compare_gan resnet_biggan_test.p
     (128, 's3gan', 70_433_988, 87_988_518),
     (128, 's3gan-co', 70_433_988, 89_525_518),
     (256, 'biggan', 82_097_604, 98_635_298),
+    (512, 'biggan', 82_468_068, 98_801_378),   # resnet_biggan.py's module docstring
+    (32, 'biggan', 9_360_899, 2_378_114),      # ch 96, 10 classes; D attention after B1
 ]
 
 
@@ -63,7 +65,8 @@ PAPER_COUNTS = [  # (resolution, method, G, D): compare_gan resnet_biggan_test.p
 def test_parameter_counts_match_the_paper(resolution, method, g_count, d_count, monkeypatch):
     monkeypatch.setattr(s3gan, 'init_weights', lambda module: None)   # counting needs no init
     with torch.device('meta'):                                         # nor any memory
-        G, D = s3gan.build_models(Config(method=method, resolution=resolution, num_classes=1000))
+        G, D = s3gan.build_models(Config(method=method, resolution=resolution,
+                                         num_classes=10 if resolution == 32 else 1000))
     assert sum(p.numel() for p in G.parameters()) == g_count
     assert sum(p.numel() for p in D.parameters()) == d_count
 
@@ -80,6 +83,29 @@ def test_spectral_norm_makes_the_largest_singular_value_one():
     u = conv.u.clone()
     conv.eval()(torch.randn(1, 8, 4, 4))
     assert torch.equal(u, conv.u), 'eval mode must not run the power iteration'
+
+
+def test_spectral_norm_keeps_u_on_the_smaller_side_as_compare_gan_auto(monkeypatch):
+    monkeypatch.setattr(s3gan, 'init_weights', lambda module: None)
+    with torch.device('meta'):
+        G, D = s3gan.build_models(Config(method='biggan', resolution=128, num_classes=1000))
+    assert G.fc_noise.u.shape == (20,)                 # kernel (20, 24576): input side
+    assert G.blocks[0].bn1.gamma.u.shape == (148,)     # CBN map (148, 1536)
+    assert G.blocks[4].conv1.u.shape == (96,)          # conv 192 -> 96: (1728, 96), output side
+    assert D.blocks[0].conv1.u.shape == (27,)          # first conv (3*3*3, 96)
+    assert D.embed_y.u.shape == (1000,) and G.attn.o.u.shape == (96,)
+    # one iteration on the input side, transcribed from arch_ops.spectral_norm ("left")
+    torch.manual_seed(0)
+    lin = s3gan.SNLinear(4, 16)
+    w, u = lin.weight.detach().t(), lin.u.clone()      # w (in, out) as TF reads the kernel
+    v = F.normalize(w.t() @ u, dim=0, eps=1e-12)
+    u_new = F.normalize(w @ v, dim=0, eps=1e-12)
+    W = lin.normalized_weight()
+    assert torch.allclose(lin.u, u_new) and torch.allclose(W, lin.weight / (u_new @ w @ v))
+    for _ in range(30):
+        lin.normalized_weight()
+    assert torch.linalg.matrix_norm(lin.normalized_weight(), ord=2).item() == pytest.approx(
+        1, abs=1e-3)
 
 
 def test_unpool_is_zero_insertion():
@@ -127,6 +153,36 @@ def test_cbn_has_no_plus_one_and_standardizes_over_the_batch():
         x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
     expected = x_hat * bn.gamma(c)[:, :, None, None] + bn.beta(c)[:, :, None, None]
     assert torch.allclose(bn(x, c), expected, atol=1e-5)
+
+
+def test_bn_moments_are_float32_under_bf16():
+    bn = s3gan.BatchStandardize(2, eps=1e-5)
+    x = torch.randn(64, 2, 8, 8)
+    x[:, 0] += 100                                   # |mean| >> std: E[x^2] - E[x]^2 cancels
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = bn(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert out[:, 0].float().std().item() == pytest.approx(1, abs=0.05)
+
+
+def test_standing_statistics_normalise_with_the_running_average_and_update_u():
+    bn = s3gan.BatchStandardize(1, eps=0.0)
+    bn.accu_mean.zero_(), bn.accu_var.zero_(), bn.accu_count.zero_()
+    bn.accumulate = True
+    a, b = torch.full((4, 1, 1, 1), 3.0), torch.tensor([1., 3, 5, 7]).view(4, 1, 1, 1)
+    a[:2] = 1                                        # a: mean 2, var 1;  b: mean 4, var 5
+    with torch.no_grad():
+        bn(a)
+        out = bn(b)                                  # uses the averages: mean 3, var 3
+    assert torch.allclose(out.flatten(), (b.flatten() - 3) / 3 ** 0.5)
+    assert bn.accu_count.item() == 2
+    torch.manual_seed(0)
+    G, _ = s3gan.build_models(tiny(method='biggan'))
+    u = G.blocks[0].conv1.u.clone()
+    s3gan.standing_statistics(G, 2, seed=0, batch_size=4)
+    assert not torch.equal(u, G.blocks[0].conv1.u), 'the power iteration runs while accumulating'
+    assert not G.training and G.bn_out.standardize.accu_count.item() == 2
+    assert Config().standing_batches == 3200         # eval_gan_lib: 204,800 examples of G_ema
 
 
 def test_d_logit_is_the_projection_formula():
@@ -320,6 +376,43 @@ def test_data_folder_reads_any_mode_and_size(tmp_path):
     for i in range(3):
         x, y = ds[i]
         assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 and y == ds.labels[i]
+
+
+def test_data_random_crop_draws_the_side_as_tensorflow():
+    gen = torch.Generator().manual_seed(0)
+    boxes = np.array([s3gan.random_square_crop(500, 375, True, gen) for _ in range(7000)])
+    side = boxes[:, 2] - boxes[:, 0]
+    assert (side == boxes[:, 3] - boxes[:, 1]).all()
+    # round(sqrt(0.5 w h)) = 306 is bumped to 307 (306^2 < 0.5 w h) .. min(round(sqrt(w h)), h, w)
+    assert side.min() == 307 and side.max() == 375
+    assert abs((side == 375).mean() - 1 / 70) < 0.01  # uniform over 70 sides, max not piled up
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 500).all() and (boxes[:, 3] <= 375).all()
+    assert s3gan.random_square_crop(1000, 300, True, gen) == (0, 0, 1000, 300)  # no square fits
+    assert s3gan.random_square_crop(500, 375, False) == (62, 0, 437, 375)
+
+
+def test_data_folder_resizes_the_float_crop_as_tf1_resize_images(tmp_path):
+    os.makedirs(tmp_path / 'a')
+    rng = np.random.default_rng(0)
+    for name, (h, w) in (('down.png', (45, 61)), ('up.png', (20, 23))):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / 'a' / name)
+    ds = make_dataset(Config(data=str(tmp_path), resolution=32), augment=False)
+    for i, name in enumerate(sorted(os.listdir(tmp_path / 'a'))):
+        img = np.asarray(Image.open(tmp_path / 'a' / name), np.float64) / 255
+        h, w = img.shape[:2]
+        s = min(h, w)
+        img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        expected = np.zeros((32, 32, 3))
+        for i_out in range(32):                       # tf resize_bilinear, half_pixel_centers=False
+            for j_out in range(32):
+                y, x = i_out * s / 32, j_out * s / 32
+                y0, x0 = int(np.floor(y)), int(np.floor(x))
+                y1, x1 = min(y0 + 1, s - 1), min(x0 + 1, s - 1)
+                top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * (x - x0)
+                bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * (x - x0)
+                expected[i_out, j_out] = top + (bottom - top) * (y - y0)
+        got = ds[i][0].permute(1, 2, 0).numpy()
+        assert np.abs(got - expected).max() < 1e-5
 
 
 def test_data_bad_image_names_the_file(tmp_path):
