@@ -1479,18 +1479,19 @@ def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
     return float(fid.frechet_distance(mu, sigma, ref['mu'], ref['sigma']))
 
 
-def load_judge(cfg: Config, device) -> FeatureNet:
+def load_judge(cfg: Config, device, steps: int = 0) -> FeatureNet:
     """The demo's judge: a FeatureNet trained with S4L on *all* true labels of cfg.data, its own
-    instance (neither the label stage's weights nor D), trained once per resolution and cached in
-    cfg.out. Ours: the shapes' labels are free, so it scores what FID and IS score on ImageNet."""
-    (steps, widths), ds = label_stage_defaults(cfg.resolution), make_dataset(cfg)
+    instance (neither the label stage's weights nor D), trained once per resolution (`steps`, 0:
+    the label stage's default) and cached in cfg.out. Ours: the shapes' labels are free, so it
+    scores what FID and IS score on ImageNet."""
+    (default_steps, widths), ds = label_stage_defaults(cfg.resolution), make_dataset(cfg)
     path = os.path.join(cfg.out, f'judge_{cfg.resolution}.pt')   # cfg.out must exist
     net = FeatureNet(widths, ds.num_classes)
     if not os.path.exists(path):
         print(f'judge: a classifier on all {len(ds)} true labels', flush=True)
         torch.manual_seed(cfg.seed + 1)
-        net = pretrain(cfg, ds, np.ones(len(ds), bool), ds.num_classes,
-                       cfg.pretrain_steps or steps, widths, device).cpu()
+        net = pretrain(cfg, ds, np.ones(len(ds), bool), ds.num_classes, steps or default_steps,
+                       widths, device).cpu()
         save_checkpoint(path, net.state_dict())
     net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
     return net.to(device).eval()
@@ -1576,8 +1577,8 @@ def sample(out: str, num: int, to: str, device: str = 'auto', batch_size: int = 
 # NOTE (deviation): batch 32, 1,200 G steps, Adam at 1e-3 for G and D, G_ema from the first step
 # with decay 0.99: by the judge's class accuracy after 1,500 steps, 2e-4 for both and 1e-4 / 4e-4
 # (near the paper's 1e-4 / 5e-4, meant for batch 2048 and 250k steps) stay near chance, 5e-4
-# reaches 0.64, 1e-3 0.85; 2e-3 is unstable. 500 steps for the label stage and the judge (800 by
-# default at 32) and 20 batches of standing statistics (the paper: 3,200): CPU minutes.
+# reaches 0.64, 1e-3 0.85; 2e-3 is unstable. 500 label-stage steps (800 by default at 32) and 20
+# batches of standing statistics (the paper: 3,200), to save CPU minutes.
 DEMO = dict(method='s3gan', data='shapes', resolution=32, ch=16, batch_size=32, steps=1200,
             lr_g=1e-3, lr_d=1e-3, ema_start=0, ema_decay=0.99, pretrain_steps=500,
             num_images=5000, labeled_fraction=0.1, out='runs/demo', log_every=100,

@@ -58,7 +58,7 @@ def main(argv=None):
     base = s3gan.Config(**{**s3gan.DEMO, **(TINY if args.tiny else {}), 'out': args.out})
     rt = s3gan.Runtime(base.device)
     os.makedirs(args.out, exist_ok=True)
-    judge = s3gan.load_judge(base, rt.device)    # once, in OUT: the same judge for every method
+    judge = s3gan.load_judge(base, rt.device, base.pretrain_steps if args.tiny else 0)   # once
     path, real, figure = os.path.join(args.out, 'results.json'), None, []
     for m in methods:
         cfg = dataclasses.replace(base, method=m, out=os.path.join(args.out, m))
