@@ -1480,19 +1480,17 @@ def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
 
 
 def load_judge(cfg: Config, device, steps: int = 0) -> FeatureNet:
-    """The demo's judge: a FeatureNet trained with S4L on *all* true labels of cfg.data, its own
-    instance (neither the label stage's weights nor D), trained once per resolution (`steps`, 0:
-    the label stage's default) and cached in cfg.out. Ours: the shapes' labels are free, so it
-    scores what FID and IS score on ImageNet."""
+    """The demo's judge (ours: the shapes' labels are free): a FeatureNet trained with S4L on all
+    true labels, its own instance (not the label stage's weights, not D), trained once per
+    resolution (`steps`, 0: the label stage's default) and cached in cfg.out (which must exist)."""
     (default_steps, widths), ds = label_stage_defaults(cfg.resolution), make_dataset(cfg)
-    path = os.path.join(cfg.out, f'judge_{cfg.resolution}.pt')   # cfg.out must exist
-    net = FeatureNet(widths, ds.num_classes)
+    path = os.path.join(cfg.out, f'judge_{cfg.resolution}.pt')
     if not os.path.exists(path):
         print(f'judge: a classifier on all {len(ds)} true labels', flush=True)
         torch.manual_seed(cfg.seed + 1)
-        net = pretrain(cfg, ds, np.ones(len(ds), bool), ds.num_classes, steps or default_steps,
-                       widths, device).cpu()
-        save_checkpoint(path, net.state_dict())
+        save_checkpoint(path, pretrain(cfg, ds, np.ones(len(ds), bool), ds.num_classes,
+                                       steps or default_steps, widths, device).state_dict())
+    net = FeatureNet(widths, ds.num_classes)
     net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
     return net.to(device).eval()
 
