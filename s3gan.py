@@ -1575,8 +1575,9 @@ def sample(out: str, num: int, to: str, device: str = 'auto', batch_size: int = 
 # NOTE (deviation): batch 32, 1,200 G steps, Adam at 1e-3 for G and D, G_ema from the first step
 # with decay 0.99: by the judge's class accuracy after 1,500 steps, 2e-4 for both and 1e-4 / 4e-4
 # (near the paper's 1e-4 / 5e-4, meant for batch 2048 and 250k steps) stay near chance, 5e-4
-# reaches 0.64, 1e-3 0.85; 2e-3 is unstable. 500 label-stage steps (800 by default at 32) and 20
-# batches of standing statistics (the paper: 3,200), to save CPU minutes.
+# reaches 0.64, 1e-3 0.85; 2e-3 is unstable. To save CPU minutes: 500 label-stage steps (800 by
+# default at 32: inferred labels 90% right instead of 92-94%) and 20 batches of standing
+# statistics (the paper: 3,200).
 DEMO = dict(method='s3gan', data='shapes', resolution=32, ch=16, batch_size=32, steps=1200,
             lr_g=1e-3, lr_d=1e-3, ema_start=0, ema_decay=0.99, pretrain_steps=500,
             num_images=5000, labeled_fraction=0.1, out='runs/demo', log_every=100,
