@@ -34,6 +34,7 @@ Exact parameter counts (asserted by the tests; equal to compare_gan's):
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -41,7 +42,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -122,7 +125,8 @@ class Config:
     num_workers: int = 2               # data-loader processes
     log_every: int = 100               # G steps between log lines
     sample_every: int = 1000           # G steps between sample grids
-    ckpt_every: int = 1000             # G steps between checkpoints
+    ckpt_every: int = 1000             # G steps between checkpoints (ckpt.pt, overwritten)
+    snapshot_every: int = 10000        # G steps between kept G_ema + D weights (snapshots/)
     fid_stats: str = ''                # reference statistics (.npz) for FID during training
     fid_every: int = 10000             # G steps between FID evaluations
     fid_samples: int = 10000           # samples per FID evaluation (paper: 50k)
@@ -156,7 +160,8 @@ class Config:
 # Layers: spectral norm, batch standardisation, conditional BN, zero-insertion unpool, attention
 # ----------------------------------------------------------------------------------------------
 
-def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: float = 1e-12):
+def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: float = 1e-12,
+                       sigma_out: Optional[torch.Tensor] = None):
     """W / sigma(W), sigma from one power iteration on the persistent vector u (compare_gan
     arch_ops.spectral_norm).
 
@@ -165,6 +170,7 @@ def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: floa
     (sn_size gives its length). M below is w or w^T, so that u always lives on M's rows.
     sigma = u . (M v) with u and v constants, written as a sum of a product: torch.vdot (used by
     torch's parametrized spectral norm) has no XLA lowering and would split every TPU graph.
+    sigma is also copied into `sigma_out` (a device buffer, no host sync) for the training log.
     """
     M = W.flatten(1)                                               # (out, in*kh*kw) = w^T
     if M.shape[1] <= M.shape[0]:
@@ -175,6 +181,8 @@ def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: floa
         if update:
             u.copy_(u_new)
     sigma = (u_new * (M @ v)).sum()
+    if sigma_out is not None:
+        sigma_out.copy_(sigma.detach())
     return W / sigma
 
 
@@ -189,9 +197,10 @@ class SNConv2d(nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, bias: bool = True):
         super().__init__(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=bias)
         self.register_buffer('u', torch.randn(sn_size(out_ch, in_ch * kernel_size ** 2)))
+        self.register_buffer('sigma_w', torch.zeros(()), persistent=False)   # for the log
 
     def forward(self, x):
-        W = spectral_normalize(self.weight, self.u, self.training)
+        W = spectral_normalize(self.weight, self.u, self.training, sigma_out=self.sigma_w)
         return self._conv_forward(x, W, self.bias)
 
 
@@ -201,9 +210,10 @@ class SNLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer('u', torch.randn(sn_size(out_features, in_features)))  # N(0, 1)
+        self.register_buffer('sigma_w', torch.zeros(()), persistent=False)
 
     def normalized_weight(self):
-        return spectral_normalize(self.weight, self.u, self.training)
+        return spectral_normalize(self.weight, self.u, self.training, sigma_out=self.sigma_w)
 
     def forward(self, x):
         return F.linear(x, self.normalized_weight(), self.bias)
@@ -343,7 +353,7 @@ def conv_unpooled(conv: SNConv2d, x):
     is the same function as the paper's unpool -> conv, without 3/4 of the multiplications
     being by zero (4x fewer FLOPs; test_conv_unpooled_equals_unpool_then_conv checks it).
     """
-    W = spectral_normalize(conv.weight, conv.u, conv.training)     # (out, in, k, k)
+    W = spectral_normalize(conv.weight, conv.u, conv.training, sigma_out=conv.sigma_w)
     return F.conv_transpose2d(x, W.flip(2, 3).transpose(0, 1), conv.bias, stride=2,
                               padding=W.shape[-1] // 2, output_padding=1)
 
@@ -702,7 +712,7 @@ def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 class FolderDataset(Dataset):
     """One subfolder per class (ImageNet's layout); any size or mode; no flip (compare_gan datasets.py)."""
 
-    def __init__(self, root: str, resolution: int, augment: bool, skip_bad: bool):
+    def __init__(self, root: str, resolution: int, augment: bool, skip_bad: bool, seed: int = 0):
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         self.files, labels = [], []
         for y, c in enumerate(classes):
@@ -714,11 +724,15 @@ class FolderDataset(Dataset):
             raise ValueError(f'--data {root}: no images found in class subfolders')
         self.labels, self.num_classes = np.array(labels, np.int64), len(classes)
         self.resolution, self.augment, self.skip_bad = resolution, augment, skip_bad
+        self.seed = seed
 
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i):   # i, or (i, position): then the crop is a pure function of
+        i, pos = i if isinstance(i, tuple) else (i, None)   # (seed, position), not worker state
+        gen = None if pos is None else torch.Generator().manual_seed(
+            int(np.random.SeedSequence((self.seed, pos)).generate_state(1, np.uint64)[0]))
         for j in range(i, i + len(self.files)):    # with skip_bad: the next readable file
             path = self.files[j % len(self.files)]
             try:
@@ -729,7 +743,7 @@ class FolderDataset(Dataset):
                     raise BadImageError(f'cannot read image {path}: {e}') from None
                 warnings.warn(f'skipping unreadable image {path}: {e}')
                 continue
-            left, top, right, bottom = random_square_crop(img.width, img.height, self.augment)
+            left, top, right, bottom = random_square_crop(img.width, img.height, self.augment, gen)
             x = _to_tensor(np.array(img))[:, top:bottom, left:right]       # float, then resize
             x = resize_tf1_bilinear(x, self.resolution)
             return x, int(self.labels[j % len(self.files)])
@@ -767,7 +781,7 @@ def make_dataset(cfg: Config, augment: bool = True) -> Dataset:
     if cfg.data == 'shapes':
         return ShapesDataset(cfg.num_images, cfg.resolution, cfg.seed)
     if os.path.isdir(cfg.data):
-        return FolderDataset(cfg.data, cfg.resolution, augment, cfg.skip_bad_images)
+        return FolderDataset(cfg.data, cfg.resolution, augment, cfg.skip_bad_images, cfg.seed)
     if cfg.data.endswith('.npz') and os.path.isfile(cfg.data):
         return NpzDataset(cfg.data, cfg.resolution)
     raise ValueError(f'--data {cfg.data}: not "shapes", an image folder or an existing .npz file')
@@ -789,20 +803,42 @@ def select_labeled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray
     return labeled
 
 
-def save_labels(path: str, labels, labeled, accuracy: Optional[float], method: str):
+def save_labels(path: str, labels, labeled, accuracy: Optional[float], provenance: dict):
     """labels.npz: `labels` int64 and `labeled` bool in dataset order, `accuracy` on the
-    unlabeled images (NaN when unknown) and the method; written then renamed (atomic)."""
+    unlabeled images (NaN if unknown), what made them (JSON); written then renamed (atomic)."""
     np.savez(path + '.tmp.npz', labels=labels.astype(np.int64), labeled=labeled.astype(bool),
-             accuracy=np.float64('nan' if accuracy is None else accuracy), method=method)
+             accuracy=np.float64('nan' if accuracy is None else accuracy),
+             provenance=json.dumps(provenance))
     os.replace(path + '.tmp.npz', path)
 
 
-def load_labels(path: str) -> tuple:
-    """-> (labels int64 (N,), labeled bool (N,), accuracy or None, method)."""
+def load_labels(path: str, provenance: Optional[dict] = None) -> tuple:
+    """-> (labels int64 (N,), labeled bool (N,), accuracy or None, provenance dict); refused
+    when the file was made with other settings than `provenance` (label_provenance)."""
     with np.load(path) as f:
-        acc = float(f['accuracy'])
+        acc, made = float(f['accuracy']), json.loads(str(f.get('provenance', '{}')))
+        refuse_changes(path, made, provenance or {}, 'remove it (the labels are made again) or '
+                       'pick another --out')
         return (f['labels'].astype(np.int64), f['labeled'].astype(bool),
-                None if math.isnan(acc) else acc, str(f['method']))
+                None if math.isnan(acc) else acc, made)
+
+
+def label_provenance(cfg: Config, ds) -> dict:
+    """What labels.npz depends on, as given: reusing it with any of these changed is refused.
+    The methods of a pair (s2gan and s3gan, ...) make the same labels."""
+    kind = {'s3gan': 's2gan', 'clustering-ss': 'clustering', 's3gan-co': 's2gan-co'}.get(
+        cfg.method, cfg.method)
+    stage = ('resolution', 'pretrain_steps', 'pretrain_batch_size', 'pretrain_lr', 'clusters')
+    return dict(method=kind, data=cfg.data, images=len(ds), classes=ds.num_classes, **{
+        k: getattr(cfg, k) for k in ('seed', 'labeled_fraction') + (stage if kind in (
+            's2gan', 'clustering') else ())})
+
+
+def refuse_changes(path: str, old: dict, new: dict, what_to_do: str):
+    """A one-line ValueError naming the first field of `new` whose value `old` does not have."""
+    for k in (k for k in new if old.get(k, 'unrecorded') != new[k]):
+        raise ValueError(f'{path} was made with {k} {old.get(k, "unrecorded")!r}, not '
+                         f'{new[k]!r}: {what_to_do}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -948,13 +984,11 @@ def infer_labels(cfg: Config) -> InferredLabels:
         raise ValueError(f'--method {cfg.method}: label inference is not needed for this '
                          f'method (only for s2gan, s3gan, clustering, clustering-ss)')
     path, ds = os.path.join(cfg.out, 'labels.npz'), make_dataset(cfg)
+    provenance = label_provenance(cfg, ds)
     if os.path.exists(path):
-        labels, labeled, accuracy, method = load_labels(path)
-        if len(labels) != len(ds) or (method in ('s2gan', 's3gan')) != s4l:
-            raise ValueError(f'{path} holds {method} labels for {len(labels)} images, not '
-                             f'{cfg.method} labels for {len(ds)}: remove it or pick another --out')
-        print(f'reusing {path} ({method}, accuracy {accuracy})')
-        return InferredLabels(labels, labeled, accuracy)
+        reused = InferredLabels(*load_labels(path, provenance)[:3])
+        print(f'reusing {path} ({cfg.method}, accuracy {reused.accuracy})')
+        return reused
     true = ds.labels
     if s4l and ds.num_classes == 0:
         raise ValueError(f'--method {cfg.method} needs some true labels; --data {cfg.data} has '
@@ -984,7 +1018,7 @@ def infer_labels(cfg: Config) -> InferredLabels:
     os.makedirs(cfg.out, exist_ok=True)
     torch.save({'widths': list(widths), 'num_classes': num_classes, 'net': net.state_dict()},
                os.path.join(cfg.out, 'pretrain.pt'))
-    save_labels(path, labels, labeled, accuracy, cfg.method)
+    save_labels(path, labels, labeled, accuracy, provenance)
     return InferredLabels(labels.astype(np.int64), labeled, accuracy)
 
 
@@ -1036,6 +1070,8 @@ class Runtime:
             if use_cuda:
                 torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
             torch.distributed.init_process_group('nccl' if use_cuda else 'gloo')
+        # host-side flags (a stop signal) go through gloo on the CPU: no device sync
+        self.cpu_group = torch.distributed.new_group(backend='gloo') if self.world > 1 else None
         self.device = pick_device(device)
         if self.device.type == 'cuda':
             self.device = torch.device('cuda', torch.cuda.current_device())
@@ -1230,7 +1266,8 @@ def train_step(models, opts, batches, cfg: Config, rt: Runtime, ema_decay: float
 # ----------------------------------------------------------------------------------------------
 
 class TrainView(torch.utils.data.Dataset):
-    """Item i: (image, label fed to D's projection, true label or -1)."""
+    """Item (i, position): (image i, label fed to D's projection, true label or -1); data sets
+    with random crops also get the position (FolderDataset)."""
 
     def __init__(self, dataset, y_real: np.ndarray):
         self.dataset, self.y_real = dataset, torch.as_tensor(y_real, dtype=torch.int64)
@@ -1239,12 +1276,15 @@ class TrainView(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
-        return self.dataset[i][0], self.y_real[i], self.y_true[i]
+    def __getitem__(self, item):
+        i = item[0]
+        return (self.dataset[item if getattr(self.dataset, 'augment', False) else i][0],
+                self.y_real[i], self.y_true[i])
 
 
 class EndlessSampler(torch.utils.data.Sampler):
-    """Dataset indices from one seeded random permutation per epoch, starting at `start`.
+    """(index, position) pairs: indices from one seeded random permutation per epoch, and
+    positions in the global stream of samples, from `start`.
 
     The stream is global; process r of w takes positions r, r + w, r + 2w, ..., so the w local
     batches together are the global batch. Resuming at a position replays nothing and skips
@@ -1261,7 +1301,7 @@ class EndlessSampler(torch.utils.data.Sampler):
                 epoch = pos // self.n
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(
                     self.seed * 100003 + epoch))
-            yield int(perm[pos % self.n])
+            yield int(perm[pos % self.n]), pos
             pos += self.world
 
 
@@ -1272,50 +1312,106 @@ def real_batches(data: TrainView, cfg: Config, rt: Runtime, start_batch: int):
     loader = torch.utils.data.DataLoader(
         data, batch_size=local, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
         pin_memory=rt.type == 'cuda', generator=torch.Generator().manual_seed(cfg.seed),
-        persistent_workers=cfg.num_workers > 0)
+        persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_stop_signals)
     for x, y_real, y_true in loader:   # workers decode the next batches while the device works
         x, y_real, y_true = (t.to(rt.device, non_blocking=True) for t in (x, y_real, y_true))
         yield rt.shard(x), rt.shard(y_real), rt.shard(y_true)
 
 
-def method_labels(cfg: Config, dataset, rt: Runtime):
-    """The label each real image carries into D's projection under cfg.method (paper Sec. 3)."""
+def method_labels(cfg: Config, dataset, rt: Runtime) -> InferredLabels:
+    """The label each real image carries into D's projection under cfg.method (paper Sec. 3),
+    which of them are ground truth, and the accuracy of the inferred ones."""
     y = np.asarray(dataset.labels, dtype=np.int64)
     if cfg.method in ('single-label', 'random-label'):   # random: redrawn in every step
-        return np.zeros_like(y), None
+        return InferredLabels(np.zeros_like(y), np.zeros(len(y), bool), None)
+    if (y < 0).any() and cfg.method in ('biggan', 's2gan-co', 's3gan-co'):
+        raise ValueError(f'--method {cfg.method} needs a true label for every image; {cfg.data} '
+                         f'has {int((y < 0).sum())} unlabeled (try a clustering method)')
     if cfg.method == 'biggan':
-        if (y < 0).any():
-            raise ValueError(f'--method biggan needs a label for every image; {cfg.data} has '
-                             f'{int((y < 0).sum())} unlabeled (try a clustering method)')
-        return y, None
-    path = os.path.join(cfg.out, 'labels.npz')
+        return InferredLabels(y, np.ones(len(y), bool), None)
+    path, provenance = os.path.join(cfg.out, 'labels.npz'), label_provenance(cfg, dataset)
     if uses_classifier(cfg.method):                  # s2gan-co, s3gan-co: the true k% only
-        if (y < 0).any():
-            raise ValueError(f'--method {cfg.method} needs true labels to draw the labeled '
-                             f'subset from; {cfg.data} has none for some images')
         if rt.is_main and not os.path.exists(path):
             labeled = select_labeled(y, cfg.labeled_fraction, cfg.seed)
-            save_labels(path, np.where(labeled, y, -1), labeled, None, cfg.method)
+            save_labels(path, np.where(labeled, y, -1), labeled, None, provenance)
     elif rt.is_main:                                 # s2gan, s3gan, clustering(-ss)
         infer_labels(cfg)
     rt.barrier()
-    labels, _, accuracy, _ = load_labels(path)
-    return labels, accuracy
+    return InferredLabels(*load_labels(path, provenance)[:3])
+
+
+def data_report(cfg: Config, dataset, labels: InferredLabels, show: bool) -> str:
+    """The start-up report (printed if `show`): images, and labels the method feeds to D, per
+    class. A ValueError when they are clearly wrong for the method."""
+    K, y, true = label_classes(cfg), labels.labels, np.asarray(dataset.labels)
+
+    def per_class(v, n=cfg.num_classes):              # min / median / max over n classes
+        c = np.bincount(v[(v >= 0) & (v < n)], minlength=n)
+        return f'min {c.min()} / median {np.median(c):g} / max {c.max()}' if len(v) else 'none'
+    rows = [f'{cfg.data}: {len(y)} images, {cfg.num_classes} classes, --method {cfg.method}',
+            f'images per class: {per_class(true[true >= 0])}',
+            f'labeled images per class: {per_class(true[labels.labeled])}',
+            f'labels fed to D per class (of {K}): {per_class(y, K)}']
+    seen = y[y >= 0] if uses_classifier(cfg.method) else y            # -1: unlabeled
+    bad, empty = seen[(seen < 0) | (seen >= K)], np.setdiff1d(range(K), true[labels.labeled])
+    first = lambda a: a[0] if len(a) else None                         # noqa: E731
+    problems = [] if cfg.method in ('single-label', 'random-label') else [   # one label: by design
+        (len(bad), f'{len(bad)} images have labels outside [0, {K}), e.g. {first(bad)}: set '
+                   f'--num-classes (clustering: --clusters) to cover them'),
+        (len(np.unique(seen)) < 2, f'every image fed to D has label {first(seen)}, but --method '
+                                   f'{cfg.method} is conditional: one subfolder per class?'),
+        (len(empty) and not cfg.method.startswith('clustering'),
+         f'class {first(empty)} has no labeled image ({len(empty)} classes have none)')]
+    if show:
+        print('\n'.join(rows), flush=True)
+    for message in (message for hit, message in problems if hit):
+        raise ValueError(message)
+    return '\n'.join(rows)
 
 
 def save_checkpoint(path: str, state: dict):
     """torch.save to a temporary file, then an atomic rename: a kill never leaves half a file."""
-    tmp = path + '.tmp'
-    torch.save(to_cpu(state), tmp)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(to_cpu(state), path + '.tmp')
+    os.replace(path + '.tmp', path)
 
 
 class TrainingDiverged(RuntimeError):
     pass
 
 
+class TrainingInterrupted(RuntimeError):
+    """args (message, signal): SIGTERM or SIGINT came, the step was finished, ckpt.pt written."""
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within: SIGTERM and SIGINT are appended to the yielded list (the run stops at the end of
+    the step) instead of ending the process; a second signal acts as before."""
+    received, signals = [], (signal.SIGTERM, signal.SIGINT)   # only the main thread may catch
+    signals = signals if threading.current_thread() is threading.main_thread() else ()
+    before = {s: signal.signal(s, lambda n, _: received.append(n) or restore()) for s in signals}
+    restore = lambda: [signal.signal(s, h) for s, h in before.items()]  # noqa: E731
+    try:
+        yield received
+    finally:
+        restore()
+
+
+def ignore_stop_signals(worker_id: int):   # DataLoader workers: the main process ends them
+    signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# config.json fields a resume may change: not in the step's math (device and precision change
+# only the rounding). Changing any other field is refused on resume.
+RESUMABLE = {'out', 'steps', 'device', 'precision', 'num_workers', 'log_every', 'sample_every',
+             'ckpt_every', 'snapshot_every', 'fid_stats', 'fid_every', 'fid_samples',
+             'standing_batches', 'grid_standing_batches', 'skip_bad_images'}
+
+
 def train(cfg: Config):
-    """Train cfg.method for cfg.steps G steps in cfg.out, resuming from cfg.out/ckpt.pt."""
+    """Train cfg.method for cfg.steps G steps in cfg.out, resuming from cfg.out/ckpt.pt.
+    SIGTERM or SIGINT: the step is finished, ckpt.pt written, TrainingInterrupted raised."""
     rt = Runtime(cfg.device, cfg.precision)
     dataset = make_dataset(cfg)
     cfg = with_data_classes(cfg, dataset)
@@ -1325,11 +1421,19 @@ def train(cfg: Config):
         raise ValueError(f'--batch-size {cfg.batch_size}: each of {rt.world} process(es) needs '
                          f'an equal batch' + (f' divisible by 4 x --rotated-batch-fraction = {f4}'
                                               if uses_rotation(cfg.method) else ''))
-    if rt.is_main:
-        os.makedirs(os.path.join(cfg.out, 'samples'), exist_ok=True)
-        with open(os.path.join(cfg.out, 'config.json'), 'w') as fh:
-            json.dump(dataclasses.asdict(cfg), fh, indent=1)
-    y_real, label_acc = method_labels(cfg, dataset, rt)
+    ckpt_path, config = os.path.join(cfg.out, 'ckpt.pt'), json.loads(json.dumps(vars(cfg)))
+    if os.path.exists(ckpt_path) and os.path.exists(os.path.join(cfg.out, 'config.json')):
+        with open(os.path.join(cfg.out, 'config.json')) as fh:
+            old = json.load(fh)
+        refuse_changes(ckpt_path, old, {k: v for k, v in config.items() if k in old and k not in
+                                        RESUMABLE}, 'keep it to resume, or pick another --out')
+    os.makedirs(os.path.join(cfg.out, 'samples'), exist_ok=True)
+    labels = method_labels(cfg, dataset, rt)
+    report = data_report(cfg, dataset, labels, rt.is_main)   # stops the run if they are wrong
+    if rt.is_main:                                   # the run is accepted: record it
+        for name, text in (('config.json', json.dumps(config, indent=1)), ('report.txt', report)):
+            with open(os.path.join(cfg.out, name), 'w') as fh:
+                fh.write(text + '\n')
 
     torch.manual_seed(cfg.seed)                 # the same initial weights in every process
     G, D = build_models(cfg)
@@ -1337,78 +1441,100 @@ def train(cfg: Config):
     G, D, G_ema = G.to(rt.device), D.to(rt.device), G_ema.to(rt.device)
     rt.manual_seed(cfg.seed)                    # then each its own z and fake labels
     opt_G, opt_D = rt.adam(G.parameters(), cfg.lr_g, cfg), rt.adam(D.parameters(), cfg.lr_d, cfg)
-    step, ckpt_path = 0, os.path.join(cfg.out, 'ckpt.pt')
+    step, best_fid = 0, math.inf
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         for key, obj in dict(G=G, G_ema=G_ema, D=D, opt_G=opt_G, opt_D=opt_D).items():
             obj.load_state_dict(ckpt[key])
-        step = ckpt['step']
+        step, best_fid = ckpt['step'], ckpt.get('best_fid', math.inf)
         rt.set_rng_state(ckpt['rng'][min(rt.rank, len(ckpt['rng']) - 1)])
         if rt.is_main:
             print(f'resuming from {ckpt_path} at step {step}')
     models = (G, D, G_ema, rt.wrap(G), rt.wrap(D))
-    batches = real_batches(TrainView(dataset, y_real), cfg, rt, step * cfg.disc_iters)
+    batches = real_batches(TrainView(dataset, labels.labels), cfg, rt, step * cfg.disc_iters)
     K = G.embed_y.num_embeddings
     rows = torch.linspace(0, K - 1, min(K, 10)).long()             # sample grid: one row a class
     grid_gen = torch.Generator().manual_seed(cfg.seed)
     grid_z = torch.randn(len(rows) * 8, cfg.z_dim, generator=grid_gen)
     grid_y = rows.repeat_interleave(8)
+    weights = lambda **kw: dict(G_ema=G_ema.state_dict(), D=D.state_dict(), step=step, **kw)  # noqa
+    due = lambda every: step % every == 0 or step == cfg.steps    # noqa: E731 (an interval is due)
 
     # on the device, so that the step's graph is the same every step (no recompiles on XLA)
     step_t, first_bad = torch.full((), step, device=rt.device), torch.full((), -1, device=rt.device)
     sums, count = {}, 0
     t_start, t_log, good_step = time.time(), time.time(), step
-    while step < cfg.steps:
-        decay = 0.0 if step < cfg.ema_start else cfg.ema_decay    # EMA = copy before ema_start
-        stats = train_step(models, (opt_G, opt_D), [next(batches) for _ in range(cfg.disc_iters)],
-                           cfg, rt, decay)
-        step += 1
-        step_t += 1
-        ok = torch.isfinite(stats['loss_d']) & torch.isfinite(stats['loss_g'])
-        first_bad = torch.where(~ok & (first_bad < 0), step_t, first_bad)
-        sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
-        count += 1
-        rt.sync()
-        last = step == cfg.steps
-        if step % cfg.log_every and step % cfg.ckpt_every and not last:
-            continue                                               # the usual case: no host sync
-        if int(first_bad) >= 0:
-            raise TrainingDiverged(f'a loss became NaN or inf at step {int(first_bad)}; stopped. '
-                                   f'The last good checkpoint (step {good_step}) is {ckpt_path}')
-        if (step % cfg.log_every == 0 or last) and rt.is_main:
-            now = time.time()
-            row = dict(zip(sums, torch.stack(list(sums.values())).div(count).tolist()))
-            row.update(step=step, images_per_s=count * cfg.batch_size * cfg.disc_iters
-                       / (now - t_log), elapsed_s=now - t_start)
-            if label_acc is not None:
-                row['label_acc'] = label_acc
-            with open(os.path.join(cfg.out, 'log.jsonl'), 'a') as fh:
-                fh.write(json.dumps(row) + '\n')
-            eta = (cfg.steps - step) * (now - t_log) / count
-            print(f'step {step}/{cfg.steps} | ' + ' '.join(f'{k} {row[k]:.3f}' for k in sums)
-                  + f' | {row["images_per_s"]:.0f} img/s | eta {eta / 60:.1f} min', flush=True)
-            sums, count, t_log = {}, 0, time.time()
-        if (step % cfg.sample_every == 0 or last) and rt.is_main:
-            standing_statistics(G_ema, min(cfg.grid_standing_batches, cfg.standing_batches),
-                                cfg.seed + 1)
-            x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), rt)
-            save_grid(x, len(rows), os.path.join(cfg.out, 'samples', f'step_{step:07d}.png'))
-        if cfg.fid_stats and (step % cfg.fid_every == 0 or last) and rt.is_main:
-            fid_value = evaluate_fid(G_ema, cfg, rt)
-            print(f'step {step} | FID {fid_value:.2f}', flush=True)
-            with open(os.path.join(cfg.out, 'log.jsonl'), 'a') as fh:
-                fh.write(json.dumps(dict(step=step, fid=fid_value)) + '\n')
-        if step % cfg.ckpt_every == 0 or last:
-            rng = [rt.rng_state()]
-            if rt.world > 1:                                        # every process's RNG state
-                rng = [None] * rt.world
-                torch.distributed.all_gather_object(rng, rt.rng_state())
-            if rt.is_main:
-                save_checkpoint(ckpt_path, dict(
-                    G=G.state_dict(), G_ema=G_ema.state_dict(), D=D.state_dict(),
-                    opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(), step=step, rng=rng))
-            good_step = step
-    return dict(cfg=cfg, step=step, label_acc=label_acc, G_ema=G_ema)
+    with stop_signals() as received:
+        while step < cfg.steps:
+            decay = 0.0 if step < cfg.ema_start else cfg.ema_decay    # EMA = copy before ema_start
+            stats = train_step(models, (opt_G, opt_D),
+                               [next(batches) for _ in range(cfg.disc_iters)], cfg, rt, decay)
+            step += 1
+            step_t += 1
+            ok = torch.isfinite(stats['loss_d']) & torch.isfinite(stats['loss_g'])
+            first_bad = torch.where(~ok & (first_bad < 0), step_t, first_bad)
+            sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
+            count += 1
+            rt.sync()
+            stop = torch.tensor(received[0] if received else 0)   # every process stops at the
+            if rt.world > 1:   # same step: one tiny all-reduce each step, on the host (no sync)
+                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX, rt.cpu_group)
+            stop = int(stop)
+            if not (stop or any(due(n) for n in (cfg.log_every, cfg.sample_every, cfg.ckpt_every,
+                                                 cfg.snapshot_every, cfg.fid_every))):
+                continue                                           # the usual case: no host sync
+            if int(first_bad) >= 0:
+                raise TrainingDiverged(f'a loss became NaN or inf at step {int(first_bad)}; '
+                                       f'stopped. The last good checkpoint (step {good_step}) is '
+                                       f'{ckpt_path}')
+            if due(cfg.log_every) and rt.is_main:
+                now, row = time.time(), {k: v / count for k, v in sums.items()}
+                for name, net in (('sigma_max_g', G), ('sigma_max_d', D)):   # largest sigma(W)
+                    row[name] = torch.stack([b for k, b in net.named_buffers()
+                                             if k.endswith('sigma_w')]).max()
+                row = dict(zip(row, torch.stack(list(row.values())).tolist()))
+                text = ' '.join(f'{k} {v:.3f}' for k, v in row.items())
+                row.update(step=step, images_per_s=count * cfg.batch_size * cfg.disc_iters
+                           / (now - t_log), elapsed_s=now - t_start)
+                if labels.accuracy is not None:
+                    row['label_acc'] = labels.accuracy
+                with open(os.path.join(cfg.out, 'log.jsonl'), 'a') as fh:
+                    fh.write(json.dumps(row) + '\n')
+                eta = (cfg.steps - step) * (now - t_log) / count
+                print(f'step {step}/{cfg.steps} | {text} | {row["images_per_s"]:.0f} img/s | '
+                      f'eta {eta / 60:.1f} min', flush=True)
+                sums, count, t_log = {}, 0, time.time()
+            if due(cfg.sample_every) and rt.is_main:
+                standing_statistics(G_ema, min(cfg.grid_standing_batches, cfg.standing_batches),
+                                    cfg.seed + 1)
+                x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), rt)
+                save_grid(x, len(rows), os.path.join(cfg.out, 'samples', f'step_{step:07d}.png'))
+            if cfg.fid_stats and due(cfg.fid_every) and rt.is_main:
+                fid_value = evaluate_fid(G_ema, cfg, rt)
+                print(f'step {step} | FID {fid_value:.2f}', flush=True)
+                with open(os.path.join(cfg.out, 'log.jsonl'), 'a') as fh:
+                    fh.write(json.dumps(dict(step=step, fid=fid_value)) + '\n')
+                if fid_value < best_fid:                           # the best weights so far
+                    best_fid = fid_value
+                    save_checkpoint(os.path.join(cfg.out, 'best.pt'), weights(fid=fid_value))
+            if due(cfg.ckpt_every) or stop:
+                rng = [rt.rng_state()]
+                if rt.world > 1:                                    # every process's RNG state
+                    rng = [None] * rt.world
+                    torch.distributed.all_gather_object(rng, rt.rng_state())
+                if rt.is_main:
+                    save_checkpoint(ckpt_path, weights(G=G.state_dict(), rng=rng, best_fid=best_fid,
+                                                       opt_G=opt_G.state_dict(),
+                                                       opt_D=opt_D.state_dict()))
+                good_step = step
+            if step % cfg.snapshot_every == 0 and rt.is_main:     # kept: a collapse cannot
+                save_checkpoint(os.path.join(cfg.out, 'snapshots', f'step_{step:07d}.pt'),
+                                weights())                         # overwrite them
+            if stop and step < cfg.steps:
+                raise TrainingInterrupted(f'stopped by {signal.Signals(stop).name} after step '
+                                          f'{step}; {ckpt_path} holds it: run the same command to '
+                                          f'resume', stop)
+    return dict(cfg=cfg, step=step, label_acc=labels.accuracy, G_ema=G_ema)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1537,24 +1663,25 @@ def save_named_rows(rows: list, path: str, scale: int = 2, heads: tuple = ()):
     img.save(path)
 
 
-def load_run(out: str, device: str = 'auto'):
-    """(cfg, G_ema, rt) from a run folder: config.json and ckpt.pt."""
-    for name in ('config.json', 'ckpt.pt'):
+def load_run(out: str, device: str = 'auto', ckpt: str = 'ckpt.pt'):
+    """(cfg, G_ema, rt) from a run folder: config.json and the G_ema of `ckpt` (in `out`):
+    ckpt.pt, best.pt (the lowest FID during training) or snapshots/step_XXXXXXX.pt."""
+    for name in ('config.json', ckpt):
         if not os.path.exists(os.path.join(out, name)):
             raise ValueError(f'--out {out}: no {name} (is this a training output folder?)')
     with open(os.path.join(out, 'config.json')) as fh:
         cfg = Config(**{**json.load(fh), 'device': device, 'out': out})
     rt = Runtime(cfg.device, cfg.precision)
     G, _ = build_models(cfg)
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
-    G.load_state_dict(ckpt['G_ema'])
+    G.load_state_dict(torch.load(os.path.join(out, ckpt), map_location='cpu',
+                                 weights_only=True)['G_ema'])
     return cfg, G.to(rt.device), rt
 
 
 def sample(out: str, num: int, to: str, device: str = 'auto', batch_size: int = 256,
-           seed: int = 0):
+           seed: int = 0, ckpt: str = 'ckpt.pt'):
     """Write `num` samples of G_ema as an .npz (x uint8 NHWC, y int64) or a folder of PNGs."""
-    cfg, G, rt = load_run(out, device)
+    cfg, G, rt = load_run(out, device, ckpt)
     xs, ys = zip(*generate_uint8(G, num, cfg, rt, batch_size, seed))
     x, y = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
     if to.endswith('.npz'):
@@ -1627,10 +1754,13 @@ def main(argv=None):
     p.add_argument('--device', default='auto')
     p.add_argument('--batch-size', type=int, default=256)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--ckpt', default='ckpt.pt', help='in --out: ckpt.pt, best.pt (lowest FID) '
+                   'or snapshots/step_XXXXXXX.pt')
     args = parser.parse_args(argv)
     try:
         if args.command == 'sample':
-            sample(args.out, args.num, args.to, args.device, args.batch_size, args.seed)
+            sample(args.out, args.num, args.to, args.device, args.batch_size, args.seed,
+                   args.ckpt)
             print(f'wrote {args.num} samples to {args.to}')
             return
         given = {k: v for k, v in vars(args).items() if k != 'command' and v is not None}
@@ -1641,6 +1771,9 @@ def main(argv=None):
             infer_labels(cfg)
         else:
             train(cfg)
+    except TrainingInterrupted as e:
+        print(f's3gan.py: {e.args[0]}', file=sys.stderr)
+        sys.exit(128 + e.args[1])
     except (ValueError, OSError, TrainingDiverged) as e:
         print(f's3gan.py: error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -334,12 +334,12 @@ def test_labels_bad_fraction_is_refused(fraction):
 
 def test_labels_npz_round_trip(tmp_path):
     labels, labeled = np.array([3, 1, 4, 1, 5]), np.array([1, 0, 0, 1, 0], bool)
-    save_labels(str(tmp_path / 'labels.npz'), labels, labeled, 0.75, 's2gan')
-    l2, m2, acc, method = load_labels(str(tmp_path / 'labels.npz'))
+    save_labels(str(tmp_path / 'labels.npz'), labels, labeled, 0.75, dict(method='s2gan'))
+    l2, m2, acc, provenance = load_labels(str(tmp_path / 'labels.npz'))
     assert l2.dtype == np.int64 and np.array_equal(l2, labels) and np.array_equal(m2, labeled)
-    assert (acc, method) == (0.75, 's2gan')
-    save_labels(str(tmp_path / 'labels.npz'), labels, labeled, None, 'clustering')
-    assert load_labels(str(tmp_path / 'labels.npz'))[2:] == (None, 'clustering')
+    assert (acc, provenance) == (0.75, dict(method='s2gan'))
+    save_labels(str(tmp_path / 'labels.npz'), labels, labeled, None, dict(seed=3, data='x'))
+    assert load_labels(str(tmp_path / 'labels.npz'))[2:] == (None, dict(seed=3, data='x'))
 
 
 def test_labels_kmeans_recovers_blobs_and_ignores_order():
@@ -483,8 +483,15 @@ def test_labels_infer_labels_reuses_labels_npz(short_run, capsys):
     again = infer_labels(cfg)
     assert 'reusing' in capsys.readouterr().out
     assert np.array_equal(again.labels, result.labels) and again.accuracy == result.accuracy
-    with pytest.raises(ValueError, match='labels.npz'):
-        infer_labels(Config(**{**cfg.__dict__, 'method': 'clustering'}))
+    for change, message in ((dict(method='clustering'), "method 's2gan', not 'clustering'"),
+                            (dict(labeled_fraction=0.3), 'labeled_fraction 0.2, not 0.3'),
+                            (dict(pretrain_steps=300), 'pretrain_steps 250, not 300'),
+                            (dict(num_images=900), 'images 1000, not 900')):
+        with pytest.raises(ValueError) as e:
+            infer_labels(Config(**{**cfg.__dict__, **change}))
+        assert str(e.value).startswith(os.path.join(cfg.out, 'labels.npz')) and message in str(
+            e.value) and 'remove it' in str(e.value) and '\n' not in str(e.value)
+    assert infer_labels(Config(**{**cfg.__dict__, 'method': 's3gan'})).accuracy == result.accuracy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,11 +572,14 @@ def test_ema_arithmetic():
 
 def test_endless_sampler_splits_global_batches_and_resumes():
     full = list(__import__('itertools').islice(iter(s3gan.EndlessSampler(10, 3)), 30))
+    assert [pos for _, pos in full] == list(range(30))        # the global sample position
+    full = [i for i, _ in full]
     assert sorted(full[:10]) == list(range(10)) and sorted(full[10:20]) == list(range(10))
     assert full[:10] != full[10:20]                            # a new permutation each epoch
     r0 = list(__import__('itertools').islice(iter(s3gan.EndlessSampler(10, 3, 4, 0, 2)), 5))
     r1 = list(__import__('itertools').islice(iter(s3gan.EndlessSampler(10, 3, 4, 1, 2)), 5))
-    assert r0 == full[4:14:2] and r1 == full[5:15:2]
+    assert r0 == list(zip(full[4:14:2], range(4, 14, 2)))
+    assert r1 == list(zip(full[5:15:2], range(5, 15, 2)))
 
 
 def _ckpt_tensors(path):
@@ -583,19 +593,34 @@ def _ckpt_tensors(path):
     return ckpt['step'], flat
 
 
-def test_resume_equals_an_unbroken_run(tmp_path):
-    broken = train_cfg(tmp_path, steps=4, out=str(tmp_path / 'a'))
+def tiny_folder(root, n=24, classes=3, seed=0):
+    """Images of several sizes in class subfolders: the random crops differ from draw to draw."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        os.makedirs(root / f'c{i % classes}', exist_ok=True)
+        x = rng.integers(0, 256, (int(rng.integers(36, 60)), int(rng.integers(36, 60)), 3))
+        Image.fromarray(x.astype(np.uint8)).save(root / f'c{i % classes}' / f'{i}.png')
+    return str(root)
+
+
+@pytest.mark.parametrize('data', ['npz', 'folder'])
+def test_resume_equals_an_unbroken_run(tmp_path, data):
+    # folder data: the interrupted run loads in a worker process, the unbroken one in the main
+    # process; crops drawn from (seed, position) make them equal anyway
+    kw = dict(data=tiny_folder(tmp_path / 'images'), num_workers=1) if data == 'folder' else {}
+    broken = train_cfg(tmp_path, steps=4, out=str(tmp_path / 'a'), **kw)
     s3gan.train(broken)
     s3gan.train(s3gan.dataclasses.replace(broken, steps=8))
-    s3gan.train(train_cfg(tmp_path, steps=8, out=str(tmp_path / 'b')))
+    s3gan.train(train_cfg(tmp_path, steps=8, out=str(tmp_path / 'b'), **dict(kw, num_workers=0)))
     step_a, a = _ckpt_tensors(tmp_path / 'a' / 'ckpt.pt')
     step_b, b = _ckpt_tensors(tmp_path / 'b' / 'ckpt.pt')
     assert step_a == step_b == 8 and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), 'resumed run differs from the unbroken one'
     log = [json.loads(line) for line in open(tmp_path / 'a' / 'log.jsonl')]
     assert [row['step'] for row in log] == list(range(1, 9))
-    keys = {'loss_d', 'loss_g', 'd_real', 'd_fake', 'rot_acc', 'cls_acc', 'images_per_s'}
-    assert keys <= set(log[-1])
+    keys = {'loss_d', 'loss_g', 'd_real', 'd_fake', 'rot_acc', 'cls_acc', 'images_per_s',
+            'sigma_max_g', 'sigma_max_d'}
+    assert keys <= set(log[-1]) and log[-1]['sigma_max_g'] > 0 and log[-1]['sigma_max_d'] > 0
     assert (tmp_path / 'a' / 'samples' / 'step_0000008.png').exists()
 
 
@@ -613,6 +638,157 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == 2
     assert all(torch.isfinite(v).all() for v in ckpt['G'].values() if v.is_floating_point())
+
+
+def _run_files(run):
+    return {p: p.read_bytes() for p in Path(run).rglob('*') if p.is_file()}
+
+
+def test_provenance_resume_with_changed_math_is_refused_and_nothing_is_lost(tmp_path):
+    cfg = train_cfg(tmp_path, method='s3gan-co', steps=1)
+    s3gan.train(cfg)
+    before = _run_files(cfg.out)
+    other = tiny_npz(tmp_path / 'other.npz', n=40)
+    for change, message in ((dict(lr_d=1e-3), 'lr_d 0.0005, not 0.001'),
+                            (dict(labeled_fraction=0.25), 'labeled_fraction 0.5, not 0.25'),
+                            (dict(data=other), f"data {cfg.data!r}, not {other!r}"),
+                            (dict(ch=8), 'ch 4, not 8')):
+        with pytest.raises(ValueError) as e:
+            s3gan.train(s3gan.dataclasses.replace(cfg, steps=2, **change))
+        assert str(e.value).startswith(os.path.join(cfg.out, 'ckpt.pt')) and message in str(
+            e.value) and 'another --out' in str(e.value) and '\n' not in str(e.value)
+    assert _run_files(cfg.out) == before                       # nothing written, nothing lost
+    # what does not change the math may change: intervals, steps, workers
+    s3gan.train(s3gan.dataclasses.replace(cfg, steps=2, log_every=2, ckpt_every=5, num_workers=1))
+    assert torch.load(Path(cfg.out) / 'ckpt.pt', weights_only=True)['step'] == 2
+    os.remove(Path(cfg.out) / 'ckpt.pt')                       # no checkpoint: labels.npz decides
+    with pytest.raises(ValueError, match='labels.npz was made with labeled_fraction 0.5, not 0.25'):
+        s3gan.train(s3gan.dataclasses.replace(cfg, labeled_fraction=0.25))
+
+
+@pytest.mark.parametrize('method,y,message', [
+    ('biggan', [0] * 48, 'every image fed to D has label 0'),
+    ('s3gan-co', [0, 2] * 24, 'class 1 has no labeled image'),
+    ('s3gan', [0, 1, 2] * 16, '8 images have labels outside [0, 3), e.g. 7'),
+])
+def test_startup_report_stops_a_run_whose_labels_are_wrong(tmp_path, method, y, message):
+    x = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'd.npz', x=x, y=np.array(y))
+    cfg = train_cfg(tmp_path, method=method, data=str(tmp_path / 'd.npz'))
+    if method == 's3gan':                    # labels made elsewhere (compare_gan replace_labels)
+        os.makedirs(cfg.out)
+        ds, made = make_dataset(cfg), np.where(np.arange(48) % 6 == 5, 7, np.array(y))
+        save_labels(os.path.join(cfg.out, 'labels.npz'), made, np.zeros(48, bool), None,
+                    s3gan.label_provenance(s3gan.with_data_classes(cfg, ds), ds))
+    with pytest.raises(ValueError, match=s3gan.re.escape(message)):
+        s3gan.train(cfg)
+    assert not (Path(cfg.out) / 'ckpt.pt').exists() and not (Path(cfg.out) / 'config.json').exists()
+
+
+def test_startup_report_is_printed_and_kept(tmp_path, capsys):
+    cfg = train_cfg(tmp_path, method='s3gan-co', steps=1)        # 48 images, 3 classes, 50%
+    s3gan.train(cfg)
+    report = (Path(cfg.out) / 'report.txt').read_text()
+    assert report in capsys.readouterr().out
+    assert '48 images, 3 classes' in report and 'images per class: min 16 / median 16 / max 16' \
+        in report and 'labeled images per class: min 8 / median 8 / max 8' in report
+
+
+def test_sigma_recorded_by_spectral_norm_is_the_largest_singular_value():
+    torch.manual_seed(0)
+    layer = s3gan.SNLinear(12, 7)
+    for _ in range(30):                                        # power iterations in the forward
+        layer(torch.randn(2, 12))
+    assert torch.allclose(layer.sigma_w, torch.linalg.matrix_norm(layer.weight, 2), rtol=1e-4)
+
+
+def test_data_folder_crops_are_a_pure_function_of_seed_and_position(tmp_path):
+    ds = make_dataset(Config(data=tiny_folder(tmp_path, n=3), resolution=32, seed=1))
+    a, b = ds[(0, 5)][0], ds[(0, 5)][0]
+    assert torch.equal(a, b) and not torch.equal(a, ds[(0, 6)][0])
+    other_seed = make_dataset(Config(data=str(tmp_path), resolution=32, seed=2))
+    assert not torch.equal(a, other_seed[(0, 5)][0])
+
+
+def test_snapshots_best_fid_and_sample_from_any_of_them(tmp_path, monkeypatch):
+    model, fids = fid.InceptionFID().eval(), iter([5.0, 3.0, 4.0])   # at steps 2, 4, 6
+    monkeypatch.setattr(fid, 'load_inception', lambda weights=None, device='cpu': model)
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *a: next(fids))
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.eye(2048))
+    cfg = train_cfg(tmp_path, method='biggan', steps=4, snapshot_every=3, fid_every=2,
+                    fid_samples=4, fid_stats=str(tmp_path / 'ref.npz'))
+    s3gan.train(cfg)
+    s3gan.train(s3gan.dataclasses.replace(cfg, steps=6))       # the best FID survives a resume
+    run = Path(cfg.out)
+    assert sorted(os.listdir(run / 'snapshots')) == ['step_0000003.pt', 'step_0000006.pt']
+    last, ckpt = (torch.load(p, weights_only=True) for p in (run / 'snapshots' /
+                                                              'step_0000006.pt', run / 'ckpt.pt'))
+    assert set(last) == {'G_ema', 'D', 'step'} and last['step'] == 6
+    assert all(torch.equal(last['D'][k], v) for k, v in ckpt['D'].items())
+    best = torch.load(run / 'best.pt', weights_only=True)
+    assert (best['step'], best['fid']) == (4, 3.0)
+    x_best = s3gan.sample(cfg.out, 4, str(tmp_path / 'b.npz'), device='cpu', ckpt='best.pt')[0]
+    x_last = s3gan.sample(cfg.out, 4, str(tmp_path / 'l.npz'), device='cpu')[0]
+    x_snap = s3gan.sample(cfg.out, 4, str(tmp_path / 's.npz'), device='cpu',
+                          ckpt='snapshots/step_0000006.pt')[0]
+    assert np.array_equal(x_last, x_snap) and not np.array_equal(x_best, x_last)
+    with pytest.raises(ValueError, match='no nope.pt'):
+        s3gan.sample(cfg.out, 4, str(tmp_path / 'n.npz'), device='cpu', ckpt='nope.pt')
+
+
+def _train_command(tmp_path, out, steps):
+    return [sys.executable, str(ROOT / 's3gan.py'), 'train', '--data', tiny_npz(tmp_path / 'd.npz'),
+            '--method', 's3gan-co', '--resolution', '32', '--ch', '4', '--batch-size', '8',
+            '--steps', str(steps), '--log-every', '1', '--sample-every', '1000',
+            '--standing-batches', '2', '--labeled-fraction', '0.5', '--num-workers', '1',
+            '--device', 'cpu', '--out', str(out)]
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes_exactly(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    stopped = _train_command(tmp_path, tmp_path / 'a', 40)
+    p = subprocess.Popen(stopped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    for line in p.stdout:                                      # the first log line: mid-run
+        if line.startswith('step '):
+            p.send_signal(s3gan.signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 128 + s3gan.signal.SIGTERM, err[-3000:]
+    assert 'stopped by SIGTERM after step' in err and 'run the same command' in err
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1
+    assert 1 <= torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['step'] < 40
+    for command in (stopped, _train_command(tmp_path, tmp_path / 'b', 40)):   # resume; unbroken
+        r = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0 and ('resuming from' in r.stdout) == (command is stopped), r.stderr
+    step_a, a = _ckpt_tensors(tmp_path / 'a' / 'ckpt.pt')
+    step_b, b = _ckpt_tensors(tmp_path / 'b' / 'ckpt.pt')
+    assert step_a == step_b == 40 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not Path('/proc/self/task').exists(), reason='finds the ranks in /proc')
+def test_sigterm_to_one_torchrun_process_stops_every_process_at_the_same_step(tmp_path):
+    command = _train_command(tmp_path, tmp_path / 'run', 40)
+    command[command.index('--num-workers') + 1] = '0'
+    command[command.index('--batch-size') + 1] = '16'           # 8 a process: the rotation layout
+    command[:2] = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                   '--nproc_per_node=2', str(ROOT / 's3gan.py')]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    for line in p.stdout:                                      # rank 0 logs: both are mid-run
+        if line.startswith('step '):
+            ranks = Path(f'/proc/{p.pid}/task/{p.pid}/children').read_text().split()
+            os.kill(int(ranks[-1]), s3gan.signal.SIGTERM)      # one process only
+            break
+    out, err = p.communicate(timeout=300)
+    steps = s3gan.re.findall(r'stopped by SIGTERM after step (\d+)', err)
+    assert p.returncode != 0 and len(steps) == 2 and steps[0] == steps[1], err[-3000:]
+    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == int(steps[0]) < 40 and len(ckpt['rng']) == 2
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and 'resuming from' in r.stdout, r.stderr[-3000:]
+    assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['step'] == 40
 
 
 def test_sample_writes_what_fid_reads(tmp_path):

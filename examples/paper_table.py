@@ -64,18 +64,20 @@ def main(argv=None):
     judge = s3gan.load_judge(base, rt.device, base.pretrain_steps if args.tiny else 0)   # once
     path, real, figure = os.path.join(args.out, 'results.json'), None, []
     for m in methods:
-        cfg = dataclasses.replace(base, method=m, out=os.path.join(args.out, m))
-        t = time.time()
-        result = s3gan.train(cfg)
+        out, t = os.path.join(args.out, m), time.time()
+        rows = json.load(open(path)) if os.path.exists(path) else {}   # others' rows too
+        if m not in rows:                 # a finished method is only loaded (and judged)
+            s3gan.train(dataclasses.replace(base, method=m, out=out))
         wall = time.time() - t
-        cfg, G = result['cfg'], result['G_ema']
+        cfg, G, _ = s3gan.load_run(out, base.device)
+        labels = os.path.join(out, 'labels.npz')
+        label_acc = s3gan.load_labels(labels)[2] if os.path.exists(labels) else None
         scores = s3gan.judge_scores(judge, G, cfg, rt, args.judge_samples)
         x_real, y_real = scores.pop('real')
         real = dict(real_acc=scores['real_acc'], real_fd=scores['real_fd'])
-        rows = json.load(open(path)) if os.path.exists(path) else {}   # others' rows too
         if m not in rows or args.rescore:   # a finished method keeps its first wall time
-            rows[m] = dict(label_acc=result['label_acc'],
-                           wall_s=rows.get(m, {}).get('wall_s', wall), **scores)
+            rows[m] = dict(label_acc=label_acc, wall_s=rows.get(m, {}).get('wall_s', wall),
+                           **scores)
             with open(f'{path}.{m}.tmp', 'w') as fh:
                 json.dump(rows, fh, indent=1)
             os.replace(f'{path}.{m}.tmp', path)
