@@ -87,7 +87,7 @@ def main(argv=None):
         if not figure:
             figure.append(('real', torch.stack([x_real[y_real == c][0] for c in range(len(y))])))
         figure.append((m, s3gan.generate(G, z.to(rt.device), y.to(rt.device), rt)))
-        write_outputs(args.out, {k: rows[k] for k in methods if k in rows}, real)
+        write_outputs(args.out, {k: rows[k] for k in methods if 'fd' in rows.get(k, {})}, real)
         s3gan.save_named_rows(figure, os.path.join(args.out, 'methods.png'))
     print(f'table: {args.out}/table.md   figure: {args.out}/methods.png')
 
