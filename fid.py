@@ -298,7 +298,7 @@ def _full_fp32():
             setattr(f, name, value)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under it, torch-xla fails on views of normal tensors
 def get_activations(images, model, num_images=None, progress=False):
     """Pool3 features (N, 2048) and logits (N, 1008), float64 numpy, of all batches.
 
@@ -323,7 +323,9 @@ def get_activations(images, model, num_images=None, progress=False):
         print(f'\r{done}/{num_images or "?"} images', file=sys.stderr)
     if not features:
         raise FIDError('no images')
-    return (torch.cat(features).cpu().double().numpy(), torch.cat(logits).cpu().double().numpy())
+    # joined on the CPU: on XLA a join on the device would compile a program per batch count
+    return (torch.cat([f.cpu() for f in features]).double().numpy(),
+            torch.cat([l.cpu() for l in logits]).double().numpy())
 
 
 def feature_statistics(features):

@@ -121,8 +121,10 @@ class Config:
     # run
     device: str = 'auto'               # auto|cpu|cuda|xla (auto: cuda, else a TPU, else cpu)
     precision: str = 'fp32'            # fp32|bf16 (bf16 autocast on CUDA and XLA)
+    compile: bool = False              # torch.compile G's and D's forward (same math, faster)
+    channels_last: bool = False        # G's and D's convolutions in NHWC memory layout
     seed: int = 0                      # seeds weights, data order, z, labeled subset
-    num_workers: int = 2               # data-loader processes
+    num_workers: int = -1              # data-loader processes; -1: auto (loader_workers)
     log_every: int = 100               # G steps between log lines
     sample_every: int = 1000           # G steps between sample grids
     ckpt_every: int = 1000             # G steps between checkpoints (ckpt.pt, overwritten)
@@ -259,10 +261,14 @@ class BatchStandardize(nn.Module):
 
     def forward(self, x):                                          # (B, C, H, W)
         x32 = x.float()
+        train = self.training and not self.accumulate
+        if train and not (torch.distributed.is_initialized()
+                          and torch.distributed.get_world_size() > 1):
+            # one process: the same moments from one fused kernel (and backward): 3x faster
+            return F.batch_norm(x32, None, None, training=True, eps=self.eps).to(x.dtype)
         if self.training or self.accumulate:
             moments = torch.stack([x32.mean((0, 2, 3)), x32.square().mean((0, 2, 3))])  # (2, C)
-            if (self.training and not self.accumulate and torch.distributed.is_initialized()
-                    and torch.distributed.get_world_size() > 1):
+            if train:   # many processes: moments of the global batch
                 moments = _AllReduceSum.apply(moments) / torch.distributed.get_world_size()
             mean, var = moments[0], moments[1] - moments[0].square()
         if self.accumulate:   # add this batch, then normalise with the averages so far
@@ -927,6 +933,7 @@ def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, st
         loss.backward()
         opt.step()
         sched.step()
+        device_sync(device)                     # on XLA: one compiled step, run once per step
         if step % log_every == 0 or step == steps:                      # the only host syncs
             line = (f'pretrain {step:>6}/{steps}  loss_rot {loss_rot.item():.3f}  rot_acc '
                     f'{(rot_logits.argmax(1) == rot_labels).float().mean().item():.3f}')
@@ -937,22 +944,29 @@ def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, st
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple:
-    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007), on x's device.
+    """Lloyd's k-means with greedy k-means++ seeding (Arthur & Vassilvitskii 2007; as scikit-learn:
+    of 2 + log k candidates drawn ~ d2, the one that lowers sum(d2) most), on x's device.
 
-    x (N, D) -> assignments (N,) int64 in [0, k), centroids (k, D). A fixed number of
-    iterations and no host syncs, so it runs the same on CPU, GPU and XLA."""
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    centroids = x[torch.randint(len(x), (1,), generator=g, device=x.device)]   # (1, D)
-    d2 = torch.cdist(x, centroids).squeeze(1) ** 2     # squared distance to the nearest centroid
-    for _ in range(1, k):                # k-means++: next centroid with probability ~ d2
-        c = x[torch.multinomial(d2 + 1e-12, 1, generator=g)]
-        centroids = torch.cat([centroids, c])
-        d2 = torch.minimum(d2, torch.cdist(x, c).squeeze(1) ** 2)
-    for _ in range(iters):
+    x (N, D) -> assignments (N,) int64 in [0, k), centroids (k, D). No host syncs, random numbers
+    from the CPU (the same on every device), and loop iterations that keep their shapes: on XLA
+    each loop compiles one iteration once (synced per iteration)."""
+    u = torch.rand(k, 2 + int(math.log(k)), generator=torch.Generator().manual_seed(seed))
+    centroids = [x[(u[0, :1] * len(x)).long().to(x.device)]]         # the first: uniform
+    d2 = torch.cdist(x, centroids[0]).squeeze(1) ** 2  # squared distance to the nearest centroid
+    for u_i in synced(u[1:], x.device):
+        cdf = d2.cumsum(0)                                   # inverse-CDF draws of candidates
+        cand = x[(cdf < u_i.to(x.device)[:, None] * cdf[-1]).sum(1)]    # (trials, D)
+        new_d2 = torch.minimum(d2, torch.cdist(cand, x) ** 2)           # (trials, N)
+        best = new_d2.sum(1).argmin(0, keepdim=True)                    # (1,): no host sync
+        centroids.append(cand[best])
+        d2 = new_d2[best].squeeze(0)
+    centroids = torch.cat(centroids)
+    for _ in synced(range(iters), x.device):
         assign = torch.cdist(x, centroids).argmin(1)                    # (N,)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1).to(x.dtype)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # empty: keep
+        sums = torch.zeros(k, x.shape[1] + 1, device=x.device).index_add_(   # last column:
+            0, assign, F.pad(x, (0, 1), value=1.0))                     # the cluster sizes
+        counts = sums[:, -1:]
+        centroids = torch.where(counts > 0, sums[:, :-1] / counts.clamp(min=1), centroids)
     return torch.cdist(x, centroids).argmin(1), centroids
 
 
@@ -996,6 +1010,7 @@ def infer_labels(cfg: Config) -> InferredLabels:
     labeled = (select_labeled(true, cfg.labeled_fraction, cfg.seed) if s4l
                else np.zeros(len(ds), bool))
     device = pick_device(cfg.device)
+    cfg = dataclasses.replace(cfg, num_workers=loader_workers(cfg, device))
     torch.manual_seed(cfg.seed)
     steps, widths = label_stage_defaults(cfg.resolution)
     steps, num_classes = cfg.pretrain_steps or steps, ds.num_classes if s4l else 0
@@ -1004,7 +1019,7 @@ def infer_labels(cfg: Config) -> InferredLabels:
     net = pretrain(cfg, ds, labeled, num_classes, steps, widths, device).eval()
     with torch.no_grad():        # features in eval mode: independent of the batch
         loader = DataLoader(make_dataset(cfg, augment=False), 256, num_workers=cfg.num_workers)
-        h = torch.cat([net(x.to(device)) for x, _ in loader])          # (N, C)
+        h = torch.cat([net(x.to(device)) for x, _ in synced(loader, device)])   # (N, C)
     if s4l:
         labels = np.where(labeled, true, net.cls_head(h).argmax(1).cpu().numpy())
     else:   # unit-length features: clusters by direction, as usual for self-supervised features
@@ -1016,8 +1031,8 @@ def infer_labels(cfg: Config) -> InferredLabels:
                     else cluster_accuracy(labels[known], true[known]))
         print(f'label accuracy on {known.sum()} unlabeled images: {accuracy:.4f}')
     os.makedirs(cfg.out, exist_ok=True)
-    torch.save({'widths': list(widths), 'num_classes': num_classes, 'net': net.state_dict()},
-               os.path.join(cfg.out, 'pretrain.pt'))
+    state = {'widths': list(widths), 'num_classes': num_classes, 'net': net.state_dict()}
+    torch.save(to_cpu(state), os.path.join(cfg.out, 'pretrain.pt'))
     save_labels(path, labels, labeled, accuracy, provenance)
     return InferredLabels(labels.astype(np.int64), labeled, accuracy)
 
@@ -1046,6 +1061,21 @@ def pick_device(name: str) -> torch.device:
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda: no CUDA device is available')
     return torch.device(name)
+
+
+def device_sync(device: torch.device):
+    """Cut the lazy XLA graph here and run it: a loop synced per iteration compiles one iteration
+    once, not the whole loop as one program (no-op elsewhere: CPU is eager, CUDA asynchronous)."""
+    if device.type == 'xla':
+        import torch_xla
+        torch_xla.sync()
+
+
+def synced(items, device: torch.device):
+    """Each of `items`, with a device_sync once the loop body is done with it."""
+    for item in items:
+        yield item
+        device_sync(device)
 
 
 class Runtime:
@@ -1093,9 +1123,7 @@ class Runtime:
 
     def sync(self):
         """End of a step: cut and run the XLA graph (no-op elsewhere; CUDA is asynchronous)."""
-        if self.type == 'xla':
-            import torch_xla
-            torch_xla.sync()
+        device_sync(self.device)
 
     def shard(self, x):
         """Under SPMD, split the batch dimension over the TPU cores."""
@@ -1154,15 +1182,21 @@ class Runtime:
             torch.distributed.barrier()
 
 
+def loader_workers(cfg: Config, device: torch.device) -> int:
+    """cfg.num_workers; auto (-1): 2 on a CPU (its cores train), else this process's core share."""
+    if cfg.num_workers >= 0 or device.type == 'cpu':
+        return 2 if cfg.num_workers < 0 else cfg.num_workers
+    return max(2, os.cpu_count() // int(os.environ.get('LOCAL_WORLD_SIZE', '1')) - 1)
+
+
 def to_cpu(obj):
-    """A copy of a nest of dicts/lists whose tensors live on the CPU (for torch.save)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
+    """A copy of a nest of dicts/lists/tuples with every tensor on the CPU (for torch.save).
+    One sync per device first materialises all pending XLA tensors together, so that each copy
+    is a transfer, not a graph of its own."""
+    from torch.utils._pytree import tree_leaves, tree_map
+    for device in {t.device for t in tree_leaves(obj) if isinstance(t, torch.Tensor)}:
+        device_sync(device)
+    return tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, obj)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1380,6 +1414,21 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def build_training(cfg: Config, rt: Runtime):
+    """(G, D, G_ema, opt_G, opt_D) on the device, the same initial weights in every process.
+    cfg.compile: G's and D's forward in place (state-dict keys kept); XLA compiles anyway."""
+    torch.manual_seed(cfg.seed)
+    G, D = build_models(cfg)
+    G_ema = copy.deepcopy(G).eval()   # copied on the CPU: on XLA, copies of device tensors alias
+    G, D, G_ema = G.to(rt.device), D.to(rt.device), G_ema.to(rt.device)
+    G, D = [m.to(memory_format=torch.channels_last) if cfg.channels_last else m for m in (G, D)]
+    if cfg.compile and rt.type != 'xla':
+        G.compile(dynamic=False), D.compile(dynamic=False)
+    rt.manual_seed(cfg.seed)                    # then each its own z and fake labels
+    return G, D, G_ema, rt.adam(G.parameters(), cfg.lr_g, cfg), rt.adam(D.parameters(),
+                                                                        cfg.lr_d, cfg)
+
+
 class TrainingInterrupted(RuntimeError):
     """args (message, signal): SIGTERM or SIGINT came, the step was finished, ckpt.pt written."""
 
@@ -1404,9 +1453,9 @@ def ignore_stop_signals(worker_id: int):   # DataLoader workers: the main proces
 
 # config.json fields a resume may change: not in the step's math (device and precision change
 # only the rounding). Changing any other field is refused on resume.
-RESUMABLE = {'out', 'steps', 'device', 'precision', 'num_workers', 'log_every', 'sample_every',
-             'ckpt_every', 'snapshot_every', 'fid_stats', 'fid_every', 'fid_samples',
-             'standing_batches', 'grid_standing_batches', 'skip_bad_images'}
+RESUMABLE = {'out', 'steps', 'device', 'precision', 'compile', 'channels_last', 'num_workers',
+             'log_every', 'sample_every', 'ckpt_every', 'snapshot_every', 'fid_stats', 'fid_every',
+             'fid_samples', 'standing_batches', 'grid_standing_batches', 'skip_bad_images'}
 
 
 def train(cfg: Config):
@@ -1414,7 +1463,8 @@ def train(cfg: Config):
     SIGTERM or SIGINT: the step is finished, ckpt.pt written, TrainingInterrupted raised."""
     rt = Runtime(cfg.device, cfg.precision)
     dataset = make_dataset(cfg)
-    cfg = with_data_classes(cfg, dataset)
+    cfg = dataclasses.replace(with_data_classes(cfg, dataset),
+                              num_workers=loader_workers(cfg, rt.device))
     local = cfg.batch_size // rt.world
     f4 = NUM_ROTATIONS * cfg.rotated_batch_fraction
     if cfg.batch_size % rt.world or (uses_rotation(cfg.method) and local % f4):
@@ -1435,12 +1485,7 @@ def train(cfg: Config):
             with open(os.path.join(cfg.out, name), 'w') as fh:
                 fh.write(text + '\n')
 
-    torch.manual_seed(cfg.seed)                 # the same initial weights in every process
-    G, D = build_models(cfg)
-    G_ema = copy.deepcopy(G).eval()   # copied on the CPU: on XLA, copies of device tensors alias
-    G, D, G_ema = G.to(rt.device), D.to(rt.device), G_ema.to(rt.device)
-    rt.manual_seed(cfg.seed)                    # then each its own z and fake labels
-    opt_G, opt_D = rt.adam(G.parameters(), cfg.lr_g, cfg), rt.adam(D.parameters(), cfg.lr_d, cfg)
+    G, D, G_ema, opt_G, opt_D = build_training(cfg, rt)
     step, best_fid = 0, math.inf
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
@@ -1557,7 +1602,7 @@ def standing_statistics(G, num_batches: int, seed: int, batch_size: int = 64):
     G.train()
     gen, device = torch.Generator().manual_seed(seed), next(G.parameters()).device
     K, z_dim = G.embed_y.num_embeddings, G.chunk * G.num_chunks
-    for _ in range(num_batches):
+    for _ in synced(range(num_batches), device):          # on XLA: one program, run per batch
         z = torch.randn(batch_size, z_dim, generator=gen).to(device)
         G(z, torch.randint(0, K, (batch_size,), generator=gen).to(device))
     for m in layers:
@@ -1569,8 +1614,9 @@ def standing_statistics(G, num_batches: int, seed: int, batch_size: int = 64):
 def generate(G, z, y, rt: Runtime):
     """Images G(z, y) in [0, 1], (B, 3, R, R), on the CPU."""
     with rt.autocast():
-        x = G(z, y)
-    return x.float().cpu()
+        x = G(z, y).float()
+    device_sync(rt.device)                  # on XLA: one compiled batch, run once per batch
+    return x.cpu()
 
 
 def save_grid(x, rows: int, path: str):
@@ -1601,7 +1647,7 @@ def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
     model = fid.load_inception(device=rt.device)
     images = (torch.from_numpy(x).permute(0, 3, 1, 2) for x, _ in
               generate_uint8(G, cfg.fid_samples, cfg, rt, seed=cfg.seed + 7))
-    mu, sigma = fid.compute_statistics(images, model)
+    mu, sigma = fid.compute_statistics(synced(images, rt.device), model)   # a sync per batch
     return float(fid.frechet_distance(mu, sigma, ref['mu'], ref['sigma']))
 
 

@@ -2,6 +2,8 @@
 
 Run: python -m pytest -q test_s3gan.py
 """
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -941,6 +943,75 @@ def test_paper_table_script_tiny_run(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Speed: torch.compile and the throughput benchmark (benchmarks/throughput.py)
+# ----------------------------------------------------------------------------------------------
+
+def test_compiled_and_channels_last_steps_equal_the_default_step():
+    """Config.compile and Config.channels_last change the speed, not the math: one step from the
+    same state gives the same losses, and gradients that point the same way. (Elementwise, G's
+    gradients at initialisation differ by up to ~1% between layouts or kernels: they are small
+    differences of large terms through both networks, and a tiny lr keeps Adam's +-lr moves
+    between the D sub-steps from adding to that. All reals are labeled: an argmax of near-tied
+    classifier logits would be no continuous function.)"""
+    cfg = tiny(method='s3gan-co', num_classes=4, batch_size=8, lr_g=1e-7, lr_d=1e-7)
+    rt, g = s3gan.Runtime('cpu'), torch.Generator().manual_seed(1)
+    y = torch.arange(8) % 4
+    batches = [(torch.rand(8, 3, 32, 32, generator=g), y, y)] * 2
+    runs = []
+    for kw in (dict(), dict(compile=True), dict(channels_last=True)):
+        G, D, G_ema, opt_G, opt_D = s3gan.build_training(
+            s3gan.dataclasses.replace(cfg, **kw), rt)               # same weights and z seed
+        stats = s3gan.train_step((G, D, G_ema, G, D), (opt_G, opt_D), batches, cfg, rt, 0.0)
+        runs.append((kw, stats, [p.grad for p in [*G.parameters(), *D.parameters()]]))
+    torch._dynamo.reset()
+    _, stats, grads = runs[0]
+    largest = max(a.norm() for a in grads)
+    for kw, other_stats, other_grads in runs[1:]:
+        assert stats.keys() == other_stats.keys()
+        for k in stats:
+            assert torch.allclose(stats[k], other_stats[k], rtol=1e-4, atol=1e-5), (kw, k)
+        for a, b in zip(grads, other_grads):
+            if a.norm() > 1e-6 * largest:     # not a zero-mean rounding residue (bias before BN)
+                assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99, kw
+
+
+def _throughput():
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import throughput
+    return throughput
+
+
+def test_benchmark_flops_are_affine_in_the_batch_and_cpu_attention_is_counted():
+    throughput = _throughput()
+    cfg, rt = tiny(method='s3gan', num_classes=4), s3gan.Runtime('cpu')
+    f8, f16, f24 = (throughput.count_flops(cfg, rt, b) for b in (8, 16, 24))
+    assert f8 > 0 and f24 - f16 == f16 - f8                     # what the extrapolation uses
+    q, k, v = torch.randn(2, 1, 64, 8), torch.randn(2, 1, 16, 8), torch.randn(2, 1, 16, 8)
+    with throughput.flop_counter.FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(q, k, v)                 # CPU flash kernel: no bmm
+    assert counter.get_total_flops() == 2 * (2 * 64 * 16 * 8) * 2   # q k^T and A v, batch 2
+
+
+def test_benchmark_runs_at_a_tiny_size(tmp_path):
+    for c in range(2):
+        (tmp_path / 'data' / f'c{c}').mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(draw_shape(0, i, 48)).save(tmp_path / 'data' / f'c{c}' / f'{i}.jpg')
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'throughput.py'), '--device',
+                        'cpu', '--resolution', '32', '--ch', '4', '--num-classes', '4', '--batch',
+                        '8', '--warmup', '1', '--steps', '1', '--data', str(tmp_path / 'data'),
+                        '--num-workers', '0', '--loader-batches', '2', '--peak-tflops', '1'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split('|')[1:-1] for line in r.stdout.splitlines() if line.startswith('| CPU')]
+    assert len(rows) == 1 and len(rows[0]) == r.stdout.splitlines()[0].count('|') - 1
+    img_s, ms, gflop = (float(rows[0][i]) for i in (8, 9, 10))
+    assert abs(img_s * ms / 1e3 / (2 * 8) - 1) < 0.01 and gflop > 0   # 2 D sub-steps of 8
+    assert ' d |' in r.stdout or ' h |' in r.stdout             # the projected paper run
+    assert 'data loader on' in r.stdout and 'img/s' in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
 # fid.py: random Inception weights (the real file cannot be downloaded in CI), so only
 # the closed-form tests check FID values
 # ----------------------------------------------------------------------------------------------
@@ -1205,8 +1276,9 @@ def test_xla_training_has_no_fallbacks_nor_recompiles_and_saves_a_cpu_checkpoint
     count on the host (G's and D's first bias corrections are equal, and XLA merges equal
     scalar inputs); the log point compiles one small graph, and the end of the run (sample grid,
     checkpoint) a few more. After that nothing may compile: run B's steps 1-4 and its end of run
-    are the same graphs as run A's, and its steps 5-8 (with the EMA switching on at step 6) must
-    reuse step 2's graph, so the compile count must not move during run B at all. Host syncs
+    are the same graphs as run A's (its grid's standing statistics run 5 batches, not 2: one
+    program per batch), and its steps 5-8 (with the EMA switching on at step 6) must reuse step
+    2's graph, so the compile count must not move during run B at all. Host syncs
     (aten::_local_scalar_dense) may happen only at log points (every 2nd step).
     """
     met = xla
@@ -1223,11 +1295,13 @@ def test_xla_training_has_no_fallbacks_nor_recompiles_and_saves_a_cpu_checkpoint
     s3gan.main(common + ['--steps', '4', '--out', str(tmp_path / 'a')])
     after_a, steps_a = _xla_compiles(met), seen[:]
     seen.clear()
-    s3gan.main(common + ['--steps', '8', '--ema-start', '5', '--out', str(tmp_path / 'b')])
+    s3gan.main(common + ['--steps', '8', '--ema-start', '5', '--standing-batches', '5',
+                         '--out', str(tmp_path / 'b')])
 
     assert steps_a[1][0] - steps_a[0][0] <= 1 and steps_a[3][0] == steps_a[2][0], steps_a
     compiles_b = [c for c, _ in seen]
     assert compiles_b == [after_a] * 8, f'recompiled in run B (after run A: {after_a}): {seen}'
+    assert _xla_compiles(met) == after_a, 'the end of run B (grid, checkpoint) recompiled'
     item_b = [n for _, n in seen]                    # read after each step's sync, before its log
     assert all(item_b[k] == item_b[k - 1] for k in (1, 3, 5, 7)), f'host sync off a log: {seen}'
     assert _xla_fallbacks(met) == {}
@@ -1306,3 +1380,142 @@ def test_xla_data_parallel_over_two_devices_equals_one_device(xla, tmp_path):
         for key in r1:
             if key not in ('images_per_s', 'elapsed_s'):
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-5), (key, r1, r2)
+
+
+def _record_syncs(monkeypatch, met):
+    """The compile count after every s3gan.device_sync (every loop iteration's cut)."""
+    seen, sync = [], s3gan.device_sync
+
+    def recording_sync(device):
+        sync(device)
+        seen.append(_xla_compiles(met))
+    monkeypatch.setattr(s3gan, 'device_sync', recording_sync)
+    return seen
+
+
+@pytest.mark.parametrize('method', ['s3gan', 'clustering'])
+def test_xla_label_stage_compiles_each_loop_once_and_equals_cpu(xla, method, tmp_path,
+                                                                monkeypatch):
+    """Pretraining, feature extraction (600 images: batches of 256, 256, 88) and, for
+    clustering, k-means, on XLA twice: 3 then 6 pretraining steps. Each loop syncs once per
+    iteration, so the longer run B compiles nothing new; the labels equal a CPU run's."""
+    met, data = xla, tiny_npz(tmp_path / 'data.npz', n=600)
+    seen = _record_syncs(monkeypatch, met)
+    runs = {}
+    for name, device, steps in (('a', 'xla', 3), ('b', 'xla', 6), ('cpu', 'cpu', 3)):
+        cfg = Config(method=method, data=data, resolution=32, out=str(tmp_path / name),
+                     device=device, num_workers=0, labeled_fraction=0.5, pretrain_steps=steps,
+                     pretrain_batch_size=16)
+        seen.clear()
+        runs[name] = (infer_labels(cfg), seen[:], _xla_compiles(met))
+    (a, syncs_a, compiles_a), (b, syncs_b, compiles_b) = runs['a'], runs['b']
+    assert compiles_b == compiles_a, f'run B recompiled: {syncs_b}'
+    # pretraining steps, feature batches, k-means (k - 1 seeds, 50 iterations), pretrain.pt
+    iterations = 3 + 3 + (2 + 50 if method == 'clustering' else 0) + 1
+    assert len(syncs_a) == iterations and len(syncs_b) == iterations + 3
+    assert _xla_fallbacks(met) == {}
+    cpu = runs['cpu'][0]
+    assert a.accuracy == pytest.approx(cpu.accuracy, abs=0.01), (a.accuracy, cpu.accuracy)
+    same = (cluster_accuracy(a.labels, cpu.labels) if method == 'clustering'
+            else (a.labels == cpu.labels).mean())
+    assert same >= 0.99, same
+    state = torch.load(tmp_path / 'a' / 'pretrain.pt', map_location='cpu', weights_only=True)
+    assert all(t.device.type == 'cpu' for t in state['net'].values())
+
+
+def test_xla_kmeans_compiles_one_iteration_and_equals_cpu(xla):
+    met = xla
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 8, generator=g) * 10)[torch.arange(500) % 5] + torch.randn(
+        500, 8, generator=g)
+    device = s3gan.pick_device('xla')
+    [t.cpu() for t in kmeans(x.to(device), 5, iters=3)]
+    before = _xla_compiles(met)
+    assign, centroids = [t.cpu() for t in kmeans(x.to(device), 5, iters=8)]   # same programs
+    assert _xla_compiles(met) == before
+    assign_cpu, centroids_cpu = kmeans(x, 5, iters=8)
+    assert torch.equal(assign, assign_cpu)
+    torch.testing.assert_close(centroids, centroids_cpu, rtol=1e-4, atol=1e-4)
+    assert _xla_fallbacks(met) == {}
+
+
+def test_xla_to_cpu_materialises_pending_tensors_in_one_graph(xla):
+    met = xla
+    t = torch.arange(4.0).to(s3gan.pick_device('xla'))
+    s3gan.device_sync(t.device)
+    executed = (met.metric_data('ExecuteTime') or [0])[0]
+    state = {'a': t * 2, 'b': [t + 3, (t * t,)], 'step': 7}      # three pending tensors
+    cpu = s3gan.to_cpu(state)
+    assert (met.metric_data('ExecuteTime') or [0])[0] == executed + 1
+    assert cpu['step'] == 7 and all(x.device.type == 'cpu' for x in (cpu['a'], cpu['b'][1][0]))
+    assert cpu['b'][1][0].tolist() == [0, 1, 4, 9] and cpu['a'].tolist() == [0, 2, 4, 6]
+
+
+@pytest.mark.filterwarnings('ignore:.*the covariance is singular')
+def test_xla_standing_statistics_sampling_and_fid_compile_once_and_equal_cpu(
+        xla, tmp_path, monkeypatch):
+    """G_ema's end-of-run phases on XLA twice, the second with more batches (standing
+    statistics 2 then 5, samples in batches of 4: 6 then 10, FID Inception batches of 2: 4 then
+    6 images): nothing compiles in the second, and moments, samples and FID statistics equal
+    the CPU's."""
+    met = xla
+    cfg = tiny('biggan', num_classes=3, fid_samples=4)
+    torch.manual_seed(0)
+    G_cpu = s3gan.build_models(cfg)[0].eval()
+    rt = s3gan.Runtime('xla')
+    G_xla = copy.deepcopy(G_cpu).to(rt.device)
+    inception = fid.load_inception(fid.random_weights(0))          # random weights
+    inception_xla = fid.load_inception(fid.random_weights(0), device=rt.device)
+    monkeypatch.setattr(fid, 'load_inception', lambda weights=None, device='cpu':
+                        inception_xla if torch.device(device).type == 'xla' else inception)
+    stats = []
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *a: stats.append(a[:2]) or 0.0)
+    generate_uint8 = s3gan.generate_uint8
+    monkeypatch.setattr(s3gan, 'generate_uint8',   # FID draws in batches of 2, not 256
+                        lambda *a, **kw: generate_uint8(*a, **dict(kw, batch_size=2)))
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.eye(2048))
+    cfg.fid_stats = str(tmp_path / 'ref.npz')
+
+    def end_of_run(G, rt, standing, num, fid_samples):
+        c = dataclasses.replace(cfg, standing_batches=standing, fid_samples=fid_samples)
+        x = np.concatenate([x for x, _ in generate_uint8(G, num, c, rt, batch_size=4)])
+        moments = [b.cpu().clone() for name, b in G.named_buffers() if '.accu_' in name]
+        s3gan.evaluate_fid(G, c, rt)
+        return x, moments
+
+    end_of_run(G_xla, rt, 2, 6, 4)
+    before = _xla_compiles(met)
+    x, moments = end_of_run(G_xla, rt, 5, 10, 6)
+    assert _xla_compiles(met) == before, 'the longer end of run recompiled'
+    assert _xla_fallbacks(met) == {}
+    end_of_run(G_cpu, s3gan.Runtime('cpu'), 2, 6, 4)       # the same sequence: u updates
+    x_cpu, moments_cpu = end_of_run(G_cpu, s3gan.Runtime('cpu'), 5, 10, 6)
+    for m, m_cpu in zip(moments, moments_cpu):
+        torch.testing.assert_close(m, m_cpu, rtol=1e-4, atol=1e-5)
+    assert np.abs(x.astype(int) - x_cpu).max() <= 1
+    (mu, sigma), (mu_cpu, sigma_cpu) = stats[1], stats[3]
+    np.testing.assert_allclose(mu, mu_cpu, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(sigma, sigma_cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_xla_default_flags_run_label_stage_training_grid_and_checkpoint(xla, tmp_path):
+    """The other XLA tests compile at --xla_backend_optimization_level=0 for speed; a TPU user
+    compiles at the default level. One short s3gan run through every phase (label stage, a
+    step, the sample grid, the checkpoint) must finish with the default XLA flags, in its own
+    process (the flags are read once per process)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                                if 'xla_backend_optimization_level' not in f)
+    out = tmp_path / 'run'
+    argv = XLA_ARGS + ['--method', 's3gan', '--data', tiny_npz(tmp_path / 'data.npz'),
+                       '--steps', '1', '--pretrain-steps', '1', '--pretrain-batch-size', '16',
+                       '--log-every', '1', '--out', str(out)]
+    proc = subprocess.run([sys.executable, '-c', XLA_RUNNER, *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(proc.stdout.rsplit('RESULT ', 1)[1])
+    assert result['fallbacks'] == []
+    assert {'labels.npz', 'pretrain.pt', 'ckpt.pt'} <= set(os.listdir(out))
+    assert os.listdir(out / 'samples') == ['step_0000001.png']
+    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
+    assert ckpt['step'] == 1 and all(torch.isfinite(t).all() for t in ckpt['G_ema'].values())
