@@ -1661,7 +1661,8 @@ def load_judge(cfg: Config, device, steps: int = 0) -> FeatureNet:
         print(f'judge: a classifier on all {len(ds)} true labels', flush=True)
         torch.manual_seed(cfg.seed + 1)
         save_checkpoint(path, pretrain(cfg, ds, np.ones(len(ds), bool), ds.num_classes,
-                                       steps or default_steps, widths, device).state_dict())
+                                       steps or default_steps, widths, torch.device(device))
+                        .state_dict())
     net = FeatureNet(widths, ds.num_classes)
     net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
     return net.to(device).eval()
