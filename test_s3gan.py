@@ -894,6 +894,55 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The demo's judge, its picture and the paper's table in miniature
+# ----------------------------------------------------------------------------------------------
+
+def test_judge_is_right_on_held_out_shapes_and_scores_an_untrained_g_near_chance(tmp_path):
+    """The judge as the demo trains it (its data, its steps); about a minute on 2 idle cores."""
+    cfg = Config(**{**s3gan.DEMO, 'out': str(tmp_path), 'num_classes': 10, 'device': 'cpu',
+                    'num_workers': 0})
+    judge = s3gan.load_judge(cfg, 'cpu')
+    assert (tmp_path / 'judge_32.pt').exists()
+    torch.manual_seed(0)
+    G, _ = s3gan.build_models(Config(**{**cfg.__dict__, 'ch': 4}))
+    scores = s3gan.judge_scores(judge, G, cfg, s3gan.Runtime('cpu'), num=500)
+    assert scores['real_acc'] >= 0.98, scores['real_acc']   # held-out: images of other seeds
+    assert scores['class_acc'] < 0.3, scores['class_acc']   # chance 0.1
+    assert scores['real_fd'] < 0.1 * scores['fd'], scores   # real images: near 0
+    assert s3gan.load_judge(cfg, 'cpu').state_dict()['stem.weight'].equal(
+        judge.state_dict()['stem.weight'])                   # cached, not trained again
+    G1, _ = s3gan.build_models(Config(**{**cfg.__dict__, 'ch': 4, 'method': 'single-label'}))
+    single = s3gan.judge_scores(judge, G1, Config(**{**cfg.__dict__, 'method': 'single-label'}),
+                                s3gan.Runtime('cpu'), num=500)
+    assert single['class_acc'] <= 0.1    # one class for ten: nine of them count 0
+
+
+def test_named_rows_picture_has_names_and_blank_gaps(tmp_path):
+    x = torch.zeros(3, 3, 8, 8)
+    x[1] = float('nan')                                       # a gap
+    s3gan.save_named_rows([('house', x), ('T', x[:1])], str(tmp_path / 'p.png'), scale=2)
+    img = np.asarray(Image.open(tmp_path / 'p.png'))
+    left = img.shape[1] - 3 * 16
+    assert img.shape[0] == 2 * 16 and left > 20
+    assert (img[:16, :left] < 128).any()                      # the name is written
+    assert (img[:, left:left + 16] == 0).all() and (img[:16, left + 16:left + 32] == 255).all()
+
+
+def test_paper_table_script_tiny_run(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / 'examples' / 'paper_table.py'), '--tiny',
+                        '--judge-samples', '200', '--out', str(tmp_path)],
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = (tmp_path / 'table.md').read_text().splitlines()
+    assert [row.split(' | ')[0] for row in table[2:]] == [
+        '| biggan', '| s3gan', '| s2gan', '| clustering', '| single-label',
+        '| real images (ceiling)']
+    img = Image.open(tmp_path / 'methods.png')
+    assert img.height == 6 * 2 * 32                           # real images, then a row a method
+
+
+# ----------------------------------------------------------------------------------------------
 # Speed: torch.compile and the throughput benchmark (benchmarks/throughput.py)
 # ----------------------------------------------------------------------------------------------
 
