@@ -5,7 +5,7 @@ Labels", ICML 2019 (arXiv:1903.02271). Networks, losses and hyper-parameters fol
 code, google/compare_gan (architectures/resnet_biggan.py, gans/s3gan.py), read line by line;
 the label-inference stage, which that repository leaves out, follows the paper.
 
-    python s3gan.py                                     # the demo: 32x32 shapes, ~7 min on a CPU
+    python s3gan.py                                     # the demo: 32x32 shapes, ~14 min, CPU
     python s3gan.py train --data /imagenet/train --resolution 128 --method s3gan \
         --labeled-fraction 0.1 --precision bf16 --out runs/s3gan128           # one GPU
     torchrun --nproc_per_node=8 s3gan.py train ...      # many GPUs (--batch-size is global)
@@ -164,15 +164,11 @@ class Config:
 
 def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: float = 1e-12,
                        sigma_out: Optional[torch.Tensor] = None):
-    """W / sigma(W), sigma from one power iteration on the persistent vector u (compare_gan
-    arch_ops.spectral_norm).
+    """W / sigma(W), sigma from one power iteration on the persistent u (arch_ops.spectral_norm).
 
     compare_gan reads the kernel as w (in*kh*kw, out) and, with the gin's singular_value="auto",
-    keeps u on w's smaller side: the input side where in*kh*kw <= out, else the output side
-    (u has the length of that side). M below is w or w^T, so that u always lives on M's rows.
-    sigma = u . (M v) with u and v constants, written as a sum of a product: torch.vdot (used by
-    torch's parametrized spectral norm) has no XLA lowering and would split every TPU graph.
-    sigma is also copied into `sigma_out` (a device buffer, no host sync) for the training log.
+    keeps u on w's smaller side; M is w or w^T so that u lives on M's rows. sigma = u . (M v) as a
+    sum of a product (torch.vdot has no XLA lowering); also copied into `sigma_out` for the log.
     """
     M = W.flatten(1)                                               # (out, in*kh*kw) = w^T
     if M.shape[1] <= M.shape[0]:
@@ -217,16 +213,11 @@ class SNLinear(nn.Linear):
 
 
 class BatchStandardize(nn.Module):
-    """(x - E[x]) / sqrt(Var[x] + eps) over (N, H, W) of the *global* batch
-    (compare_gan arch_ops.standardize_batch).
-
-    The moments are E[x] and E[x^2] - E[x]^2 (biased), as compare_gan's cross-replica moments,
-    taken in float32 as compare_gan does (it casts first): in bf16, E[x^2] - E[x]^2 cancels
-    catastrophically where |mean| >> std. Under torchrun they are summed over processes with a
-    differentiable all-reduce, so every process standardises with the moments of the whole batch,
-    like the paper's TPU pod (nn.SyncBatchNorm would do this too, but refuses CPU tensors). Under
-    XLA SPMD the program already sees the global batch. There are no running averages
-    (use_moving_averages=False): in eval mode the layer uses the standing statistics that
+    """(x - E[x]) / sqrt(Var[x] + eps) over (N, H, W) of the *global* batch, with biased moments
+    taken in float32 as compare_gan's arch_ops.standardize_batch does (in bf16, E[x^2] - E[x]^2
+    cancels where |mean| >> std). Under torchrun the moments are all-reduced (differentiably), as
+    on the paper's TPU pod (nn.SyncBatchNorm refuses CPU tensors); under XLA SPMD the program sees
+    the global batch. No running averages: in eval mode the standing statistics that
     `standing_statistics` accumulates (arch_ops._accumulated_moments_for_inference).
     """
 
@@ -257,7 +248,7 @@ class BatchStandardize(nn.Module):
             self.accu_count += 1
         if self.accumulate or not self.training:
             mean, var = self.accu_mean / self.accu_count, self.accu_var / self.accu_count
-        return ((x32 - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)).to(x.dtype)
+        return ((x32 - mean[:, None, None]) * (var[:, None, None] + self.eps).rsqrt()).to(x.dtype)
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -696,7 +687,7 @@ def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class FolderDataset(Dataset):
-    """One subfolder per class (ImageNet's layout); any size or mode; no flip (compare_gan datasets.py)."""
+    """One subfolder per class (ImageNet's layout); any size or mode; no flip (datasets.py)."""
 
     def __init__(self, root: str, resolution: int, augment: bool, skip_bad: bool, seed: int = 0):
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -756,9 +747,9 @@ class NpzDataset(Dataset):
 
     def __getitem__(self, i):
         x = self.x[i].float() / 255                                     # (3, H, W) in [0, 1]
-        if x.shape[1:] != (self.resolution, self.resolution):
-            x = F.interpolate(x[None], size=(self.resolution,) * 2, mode='bilinear',
-                              antialias=True)[0].clamp(0, 1)
+        if x.shape[1:] != (self.resolution, self.resolution):    # as folder images (eval)
+            left, top, right, bottom = random_square_crop(x.shape[2], x.shape[1], False)
+            x = resize_tf1_bilinear(x[:, top:bottom, left:right], self.resolution)
         return x, int(self.labels[i])
 
 
@@ -1010,9 +1001,8 @@ def infer_labels(cfg: Config) -> InferredLabels:
         accuracy = (float((labels[known] == true[known]).mean()) if s4l
                     else cluster_accuracy(labels[known], true[known]))
         print(f'label accuracy on {known.sum()} unlabeled images: {accuracy:.4f}')
-    os.makedirs(cfg.out, exist_ok=True)
-    state = {'widths': list(widths), 'num_classes': num_classes, 'net': net.state_dict()}
-    torch.save(to_cpu(state), os.path.join(cfg.out, 'pretrain.pt'))
+    save_checkpoint(os.path.join(cfg.out, 'pretrain.pt'),
+                    {'widths': list(widths), 'num_classes': num_classes, 'net': net.state_dict()})
     save_labels(path, labels, labeled, accuracy, provenance)
     return InferredLabels(labels.astype(np.int64), labeled, accuracy)
 
@@ -1180,7 +1170,7 @@ def to_cpu(obj):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training step (paper Sec. 4; compare_gan modular_gan.py, s3gan.py): 2 D steps on fresh data, 1 G step, EMA of G
+# Training step (paper Sec. 4; compare_gan modular_gan.py, s3gan.py): 2 D steps, 1 G step, EMA
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -1203,7 +1193,7 @@ def ema_update(G_ema, G, decay: float):
 
 
 def sample_fake_inputs(batch: int, z_dim: int, num_classes: int, device):
-    """z ~ N(0, I) (the gin's z.distribution_fn, not compare_gan's uniform default), y_hat ~ U{0..K-1}."""
+    """z ~ N(0, I) (the gin's z.distribution_fn, not the code's uniform), y_hat ~ U{0..K-1}."""
     z = torch.randn(batch, z_dim, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
     return z, y
@@ -1368,18 +1358,18 @@ def data_report(cfg: Config, dataset, labels: InferredLabels, show: bool) -> str
             f'labels fed to D per class (of {K}): {per_class(y, K)}']
     seen = y[y >= 0] if uses_classifier(cfg.method) else y            # -1: unlabeled
     bad, empty = seen[(seen < 0) | (seen >= K)], np.setdiff1d(range(K), true[labels.labeled])
-    first = lambda a: a[0] if len(a) else None                         # noqa: E731
-    problems = [] if cfg.method in ('single-label', 'random-label') else [   # one label: by design
-        (len(bad), f'{len(bad)} images have labels outside [0, {K}), e.g. {first(bad)}: set '
-                   f'--num-classes (clustering: --clusters) to cover them'),
-        (len(np.unique(seen)) < 2, f'every image fed to D has label {first(seen)}, but --method '
-                                   f'{cfg.method} is conditional: one subfolder per class?'),
-        (len(empty) and not cfg.method.startswith('clustering'),
-         f'class {first(empty)} has no labeled image ({len(empty)} classes have none)')]
     if show:
         print('\n'.join(rows), flush=True)
-    for message in (message for hit, message in problems if hit):
-        raise ValueError(message)
+    if cfg.method in ('single-label', 'random-label'):                 # one label: by design
+        return '\n'.join(rows)
+    if len(bad):
+        raise ValueError(f'{len(bad)} images have labels outside [0, {K}), e.g. {bad[0]}: set '
+                         f'--num-classes (clustering: --clusters) to cover them')
+    if len(np.unique(seen)) < 2:
+        raise ValueError(f'every image fed to D has label {seen[0] if len(seen) else None}, but '
+                         f'--method {cfg.method} is conditional: one subfolder per class?')
+    if len(empty) and not cfg.method.startswith('clustering'):
+        raise ValueError(f'class {empty[0]} has no labeled image ({len(empty)} classes have none)')
     return '\n'.join(rows)
 
 
@@ -1479,9 +1469,8 @@ def train(cfg: Config):
     batches = real_batches(TrainView(dataset, labels.labels), cfg, rt, step * cfg.disc_iters)
     K = G.embed_y.num_embeddings
     rows = torch.linspace(0, K - 1, min(K, 10)).long()             # sample grid: one row a class
-    grid_gen = torch.Generator().manual_seed(cfg.seed)
-    grid_z = torch.randn(len(rows) * 8, cfg.z_dim, generator=grid_gen)
-    grid_y = rows.repeat_interleave(8)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    grid_z, grid_y = torch.randn(len(rows) * 8, cfg.z_dim, generator=gen), rows.repeat_interleave(8)
     weights = lambda **kw: dict(G_ema=G_ema.state_dict(), D=D.state_dict(), step=step, **kw)  # noqa
     due = lambda every: step % every == 0 or step == cfg.steps    # noqa: E731 (an interval is due)
 
@@ -1532,8 +1521,9 @@ def train(cfg: Config):
             if due(cfg.sample_every) and rt.is_main:
                 standing_statistics(G_ema, min(cfg.grid_standing_batches, cfg.standing_batches),
                                     cfg.seed + 1)
-                x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), rt)
-                save_grid(x, len(rows), os.path.join(cfg.out, 'samples', f'step_{step:07d}.png'))
+                x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), rt).split(8)
+                save_named_rows([(f'class {c}', x_c) for c, x_c in zip(rows.tolist(), x)],
+                                os.path.join(cfg.out, 'samples', f'step_{step:07d}.png'), scale=1)
             if cfg.fid_stats and due(cfg.fid_every) and rt.is_main:
                 fid_value = evaluate_fid(G_ema, cfg, rt)
                 print(f'step {step} | FID {fid_value:.2f}', flush=True)
@@ -1597,15 +1587,6 @@ def generate(G, z, y, rt: Runtime):
         x = G(z, y).float()
     device_sync(rt.device)                  # on XLA: one compiled batch, run once per batch
     return x.cpu()
-
-
-def save_grid(x, rows: int, path: str):
-    """Save images (N, 3, R, R) in [0, 1] as one PNG with `rows` rows."""
-    N, _, R, _ = x.shape
-    cols = N // rows
-    grid = x[:rows * cols].view(rows, cols, 3, R, R).permute(0, 3, 1, 4, 2).reshape(
-        rows * R, cols * R, 3)
-    Image.fromarray((grid * 255).round().byte().numpy()).save(path)
 
 
 def generate_uint8(G, num: int, cfg: Config, rt: Runtime, batch_size: int = 256, seed: int = 0):
