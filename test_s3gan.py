@@ -110,12 +110,19 @@ def test_spectral_norm_keeps_u_on_the_smaller_side_as_compare_gan_auto(monkeypat
         1, abs=1e-3)
 
 
+def unpool(x):
+    """compare_gan resnet_ops.unpool, the paper's 2x upsampling: zero insertion."""
+    B, C, H, W = x.shape
+    x = torch.stack([x, torch.zeros_like(x)], dim=-1).reshape(B, C, H, 2 * W)
+    return torch.stack([x, torch.zeros_like(x)], dim=3).reshape(B, C, 2 * H, 2 * W)
+
+
 def test_unpool_is_zero_insertion():
     x = torch.arange(1., 5.).view(1, 1, 2, 2)
     expected = torch.tensor([[1., 0, 2, 0], [0, 0, 0, 0], [3, 0, 4, 0], [0, 0, 0, 0]])
-    assert torch.equal(s3gan.unpool(x)[0, 0], expected)
+    assert torch.equal(unpool(x)[0, 0], expected)
     x = torch.randn(2, 3, 4, 5)
-    up = s3gan.unpool(x)
+    up = unpool(x)
     assert torch.equal(up[:, :, ::2, ::2], x)
     assert torch.allclose(up.abs().sum(), x.abs().sum())
 
@@ -125,7 +132,7 @@ def test_conv_unpooled_equals_unpool_then_conv():
     for k in (3, 1):
         conv = s3gan.SNConv2d(5, 7, k).eval()
         x = torch.randn(2, 5, 6, 6)
-        assert torch.allclose(s3gan.conv_unpooled(conv, x), conv(s3gan.unpool(x)), atol=1e-5)
+        assert torch.allclose(s3gan.conv_unpooled(conv, x), conv(unpool(x)), atol=1e-5)
 
 
 def test_conditional_bn_depends_on_label_and_z_chunk():
