@@ -3,7 +3,7 @@ method and labels used), in miniature: every method trained at the demo's budget
 shapes set and scored by the demo's judge (s3gan.judge_scores: class accuracy and the Frechet
 distance in the judge's feature space, the embedded set's stand-ins for IS and FID).
 
-    python examples/paper_table.py                # five methods, about 45 min on 2 idle CPUs
+    python examples/paper_table.py                # five methods, about 35 min on 2 idle CPUs
     python examples/paper_table.py --methods s3gan,s3gan-co --out runs/paper_table
 
 Writes OUT/table.md (markdown) and OUT/methods.png (a row of G_ema samples per method, one
