@@ -520,9 +520,9 @@ def rotate_batch(x, y, n: int):
 
 # --- Data: item i = (image (3, R, R) float32 in [0, 1], label or -1) ------------------------------
 
-def _arc(cx, cy, r, a0, a1, n=12):   # points of a circular arc, angles in degrees
+def _arc(cx, cy, r, a0, a1, n=12, ry=None):   # points of an arc, angles in degrees
     t = np.radians(np.linspace(a0, a1, n))
-    return list(zip(cx + r * np.cos(t), cy + r * np.sin(t)))
+    return list(zip(cx + r * np.cos(t), cy + (ry or r) * np.sin(t)))
 
 
 def _box(x0, y0, x1, y1):
@@ -538,9 +538,8 @@ SHAPES = {
     'T': [_box(-1, .55, 1, 1), _box(-.22, -1, .22, .55)],
     'arrow': [[(-.9, .1), (.9, .1), (0, 1)], _box(-.3, -1, .3, .1)],
     'mushroom': [_arc(0, -.1, 1, 0, 180), _box(-.25, -1, .25, -.1)],
-    'person': [_arc(0, .72, .28, 0, 360), _box(-.4, -1, .4, .4), _box(-1, .05, 1, .3)],
-    'Y': [[(-1, 1), (-.55, 1), (0, .25), (.55, 1), (1, 1), (.25, -.1), (.25, -1), (-.25, -1),
-           (-.25, -.1)]],
+    'boat': [[(-1, -.35), (1, -.35), (.6, -1), (-.6, -1)], [(-.25, -.2), (-.25, 1), (.9, -.2)]],
+    'fish': [_arc(.2, 0, .8, 0, 360, 20, ry=.55), [(-1, -.55), (-1, .55), (-.4, 0)]],
     'stairs': [[(-1, -1), (1, -1), (1, 1), (.33, 1), (.33, .33), (-.33, .33), (-.33, -.33),
                 (-1, -.33)]],
     'table': [_box(-1, .6, 1, 1), _box(-.85, -1, -.5, .6), _box(.5, -1, .85, .6)],
@@ -560,7 +559,7 @@ def draw_shape(seed: int, index: int, resolution: int) -> np.ndarray:
     fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     if abs(fg @ (.3, .59, .11) - bg @ (.3, .59, .11)) < 60:         # keep the shape visible
         fg = 255 - bg
-    size = resolution * (.22 + .2 * u[0])                           # half-width in pixels
+    size = resolution * (.26 + .16 * u[0])                          # half-width in pixels
     sx, sy = size * (.85 + .3 * u[1]), size * (.85 + .3 * u[2])
     cx, cy = size + (resolution - 2 * size) * u[3], size + (resolution - 2 * size) * u[4]
     a = math.radians(24 * u[5] - 12)
@@ -1545,14 +1544,14 @@ def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
 
 def load_judge(cfg: Config, device, steps: int = 0) -> FeatureNet:
     """The demo's judge (ours): a FeatureNet of its own trained with S4L on all true labels
-    (`steps`, 0: the label stage's default), once per resolution, cached in cfg.out."""
+    (`steps`, 0: half the label stage's default), once per resolution, cached in cfg.out."""
     (default_steps, widths), ds = label_stage_defaults(cfg.resolution), make_dataset(cfg)
     path = os.path.join(cfg.out, f'judge_{cfg.resolution}.pt')
     if not os.path.exists(path):
         print(f'judge: a classifier on all {len(ds)} true labels', flush=True)
         torch.manual_seed(cfg.seed + 1)
         save_checkpoint(path, pretrain(cfg, ds, np.ones(len(ds), bool), ds.num_classes,
-                                       steps or default_steps, widths, torch.device(device))
+                                       steps or default_steps // 2, widths, torch.device(device))
                         .state_dict())
     net = FeatureNet(widths, ds.num_classes)
     net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
