@@ -905,7 +905,7 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def test_judge_is_right_on_held_out_shapes_and_scores_an_untrained_g_near_chance(tmp_path):
-    """The judge as the demo trains it (its data, its steps); about a minute on 2 idle cores."""
+    """The judge as the demo trains it (its data, its steps); about 30 s on 2 idle cores."""
     cfg = Config(**{**s3gan.DEMO, 'out': str(tmp_path), 'num_classes': 10, 'device': 'cpu',
                     'num_workers': 0})
     judge = s3gan.load_judge(cfg, 'cpu')
