@@ -880,7 +880,8 @@ loss = (x - 0.3).square().mean()               # DDP averages: the mean over the
 loss.backward()
 torch.save(dict(x=x.detach(), grads=[p.grad for p in G.parameters()]),
            os.path.join({out!r}, f'rank{{rt.rank}}_of{{rt.world}}.pt'))
-if torch.distributed.is_initialized():
+if torch.distributed.is_initialized():   # both ranks done before gloo's teardown
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 '''
 
