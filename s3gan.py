@@ -817,6 +817,54 @@ class FeatureNet(nn.Module):
         return F.relu(self.bn(h)).mean((2, 3))
 
 
+class Bottleneck(nn.Module):
+    """Pre-activation bottleneck block (He et al. 2016, "Identity Mappings", ResNet v2):
+    1x1 conv to `width`, 3x3 conv with the stride, 1x1 conv to 4 x width."""
+
+    def __init__(self, in_ch: int, width: int, stride: int):
+        super().__init__()
+        self.bn1, self.bn2, self.bn3 = (nn.BatchNorm2d(c) for c in (in_ch, width, width))
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(width, 4 * width, 1, bias=False)
+        self.skip = (nn.Conv2d(in_ch, 4 * width, 1, stride=stride, bias=False)
+                     if stride > 1 or in_ch != 4 * width else None)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(x))
+        skip = x if self.skip is None else self.skip(h)
+        h = F.relu(self.bn3(self.conv2(F.relu(self.bn2(self.conv1(h))))))
+        return skip + self.conv3(h)
+
+
+class ResNet50(FeatureNet):
+    """The paper's label-stage network at 128x128 and up (Sec. 3.1: a ResNet-50, as in
+    Kolesnikov et al. 2019 and S4L, Zhai et al. 2019, who use its v2 form): a 7x7 stride-2 stem
+    and 3x3 max pool, then 3, 4, 6, 3 bottlenecks of widths 64, 128, 256, 512 (the first of each
+    stage after the first with stride 2), a final BN + ReLU, the mean over H, W: h of 2,048."""
+
+    def __init__(self, num_classes: int):
+        nn.Module.__init__(self)
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+                                  nn.MaxPool2d(3, stride=2, padding=1))
+        blocks, in_ch = [], 64
+        for i, (n, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+            for j in range(n):
+                blocks.append(Bottleneck(in_ch, width, 2 if i > 0 and j == 0 else 1))
+                in_ch = 4 * width
+        self.blocks, self.bn = nn.Sequential(*blocks), nn.BatchNorm2d(in_ch)
+        self.rot_head = nn.Linear(in_ch, NUM_ROTATIONS)
+        self.cls_head = nn.Linear(in_ch, num_classes) if num_classes else None
+
+
+def feature_net(resolution: int, num_classes: int) -> FeatureNet:
+    """The label stage's network for a resolution: the paper's ResNet-50 at 128x128 and up, the
+    small ResNet of label_stage_defaults below (fast enough for the CPU demo)."""
+    if resolution >= 128:
+        return ResNet50(num_classes)
+    return FeatureNet(label_stage_defaults(resolution)[1], num_classes)
+
+
 def _endless(ds: Dataset, batch_size: int, cfg: Config):
     """Shuffled batches forever (a new order each pass), seeded from cfg.seed."""
     loader = DataLoader(ds, min(batch_size, len(ds)), shuffle=True, drop_last=True,

@@ -487,6 +487,19 @@ def test_labels_rotation_pretraining_predicts_rotations(short_run):
     assert rot_acc >= 0.7, rot_acc  # chance 0.25; measured 0.806
 
 
+def test_labels_resnet50_has_resnet50s_parameters():
+    # The label stage at 128 and up: ResNet-50's 23,454,912 conv weights (He et al. 2016, as in
+    # torchvision's resnet50), 45,440 BN parameters of the v2 form, the rotation and class heads.
+    net = s3gan.feature_net(128, 1000)
+    assert isinstance(net, s3gan.ResNet50) and type(s3gan.feature_net(64, 10)) is FeatureNet
+    params = dict(net.named_parameters())
+    conv = sum(p.numel() for k, p in params.items() if p.dim() == 4)
+    bn = sum(p.numel() for k, p in params.items() if p.dim() == 1 and 'head' not in k)
+    assert (conv, bn) == (23_454_912, 45_440)
+    assert sum(p.numel() for p in net.parameters()) == conv + bn + 2048 * 1004 + 1004
+    assert net(torch.rand(2, 3, 128, 128)).shape == (2, 2048)
+
+
 def test_labels_infer_labels_reuses_labels_npz(short_run, capsys):
     cfg, result = short_run
     again = infer_labels(cfg)
