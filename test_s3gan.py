@@ -1527,3 +1527,27 @@ def test_xla_default_flags_run_label_stage_training_grid_and_checkpoint(xla, tmp
     assert os.listdir(out / 'samples') == ['step_0000001.png']
     ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
     assert ckpt['step'] == 1 and all(torch.isfinite(t).all() for t in ckpt['G_ema'].values())
+
+
+# --- issue 22: D's pooling fused into conv2, the loader's resize, the speed benchmarks ---------
+
+def test_conv_pooled_equals_conv_then_avg_pool():
+    """compare_gan's order (conv2, then a 2x2 average pool): the same outputs and gradients."""
+    torch.manual_seed(0)
+    conv = s3gan.SNConv2d(5, 7, 3).eval()                 # fixed u: the same weights each call
+    x = torch.randn(2, 5, 8, 12, requires_grad=True)
+    outs = [s3gan.conv_pooled(conv, x), F.avg_pool2d(conv(x), 2)]
+    g = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad(o, (x, conv.weight, conv.bias), g) for o in outs]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):                 # float32 rounding of sums of ~100 terms
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_resize_tf1_bilinear_reads_either_layout_alike():
+    x = torch.rand(3, 45, 61)
+    hwc = x.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # a view of an (H, W, C) image
+    y = s3gan.resize_tf1_bilinear(x, 32)
+    assert y.shape == (3, 32, 32) and torch.equal(y, s3gan.resize_tf1_bilinear(hwc, 32))
+    # output 16 reads the input at 16 * 45/32 = 22.5 and 16 * 61/32 = 30.5: four pixels' mean
+    torch.testing.assert_close(y[:, 16, 16], x[:, 22:24, 30:32].mean((1, 2)))
