@@ -63,7 +63,9 @@ fi
 
 BENCH=("$PY" benchmarks/throughput.py --device "$DEVICE" --resolution "$RES" --ch "$CH"
        --num-classes "$NUM_CLASSES" --method s3gan --warmup "$WARMUP" --steps "$STEPS")
-JPEGS=$OUT/jpegs E2E_DATA=$OUT/e2e_data E2E_OUT=$OUT/e2e
+# JPEGs and the end-to-end run outside $OUT: nothing large comes back, even after a timeout
+WORK=${WORK:-/tmp/s3gan_gpu_check}
+JPEGS=$WORK/jpegs E2E_DATA=$WORK/e2e_data E2E_OUT=$WORK/e2e
 NPROC=$(nproc)
 
 part "D pooling variants, bf16, batch $POOL_BATCH" 60 "$PY" benchmarks/pooling.py \
@@ -110,5 +112,5 @@ DEMO=("$PY" benchmarks/throughput.py --device "$DEVICE" --resolution 32 --ch 16 
 part "demo size, eager and compiled" 120 "${DEMO[@]}" --compile both
 part "demo size, compiled with CUDA graphs" 120 "${DEMO[@]}" --compile yes \
   --compile-mode reduce-overhead
-rm -rf "$JPEGS"
+rm -rf "$WORK"
 log "## gpu_check done in $(( $(date +%s) - start ))s"
