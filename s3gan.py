@@ -23,8 +23,8 @@ Paper -> code:
 
 Deviations (each marked "NOTE (deviation)" where it happens): the G step feeds only fakes to D
 (compare_gan also feeds reals and discards their logits: same math); the label stage uses a
-small ResNet sized by resolution instead of ResNet-50 at every size; D pools before its convs
-(the shortcut's 1x1, and conv2 as one stride-2 conv: the same maps). Parameter counts equal
+small ResNet sized by resolution instead of ResNet-50 at every size; D pools before the
+shortcut's 1x1 conv and inside conv2 (one stride-2 conv): the same maps. Parameter counts equal
 compare_gan's (128x128, ch 96, 1000 classes: G 70,433,988, D 87,988,518 for S3GAN; tested).
 """
 
@@ -364,7 +364,7 @@ def conv_pooled(conv: SNConv2d, x):
 class DBlock(nn.Module):
     """ReLU -> conv3x3 -> ReLU -> conv3x3 -> avgpool; a 1x1 shortcut only if the width changes:
     with equal widths no skip connection at all (resnet_biggan.BigGanResNetBlock: add_shortcut =
-    in_channels != out_channels). The shortcut pools before its 1x1 conv, conv2 while it runs."""
+    in_channels != out_channels). The shortcut pools before its 1x1 conv; conv2 via conv_pooled."""
 
     def __init__(self, in_ch: int, out_ch: int, down: bool):
         super().__init__()
