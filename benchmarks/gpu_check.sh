@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One GPU, at most ~8 minutes, parts in order of importance (issue 22): D's pooling variants side
-# by side; the compiled bf16 step at 128x128 ch 96 batch 256 with its profile (MFU against 40%);
-# the data loader on this host's cores over ImageNet-sized JPEGs (img/s per worker, with and
-# without Pillow's draft mode); an end-to-end training run over those JPEGs (img/s from the log,
-# against the step alone); the eager rows (bf16 and fp32, NCHW and channels_last; MFU against
-# 25%); bf16 batch 512; compiled channels_last; CUDA graphs (mode="reduce-overhead") for the
-# demo-sized model. Run from anywhere; everything is appended to $OUT/gpu_log.txt.
+# One GPU, at most ~8 minutes, parts in order of importance (issue 22), with rough H200 times:
+# D's pooling variants side by side (~25 s); the compiled bf16 step at 128x128 ch 96 batch 256
+# with its profile, MFU against 40% (~170 s, a cold compile); the eager rows, bf16 and fp32,
+# NCHW and channels_last, MFU against 25% (~80 s); the data loader on this host's cores over
+# ImageNet-sized JPEGs, img/s per worker, with and without Pillow's draft (~40 s); an end-to-end
+# training run over those JPEGs, img/s from its log against the step alone (~200 s, compiles
+# again); then, if time is left, bf16 batch 512, compiled channels_last, and CUDA graphs
+# (mode="reduce-overhead") for the demo-sized model. Everything is appended to $OUT/gpu_log.txt.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 #
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output folder}"
 DEVICE=${DEVICE:-cuda} RES=${RES:-128} CH=${CH:-96} NUM_CLASSES=${NUM_CLASSES:-1000}
 B1=${B1:-256} B2=${B2:-512} WARMUP=${WARMUP:-3} STEPS=${STEPS:-5} BUDGET=${BUDGET:-470}
-IMAGES=${IMAGES:-512} E2E_STEPS=${E2E_STEPS:-120} E2E_CLASSES=${E2E_CLASSES:-1000}
+IMAGES=${IMAGES:-512} E2E_STEPS=${E2E_STEPS:-100} E2E_CLASSES=${E2E_CLASSES:-1000}
 POOL_BATCH=${POOL_BATCH:-64} TIMEOUT_SCALE=${TIMEOUT_SCALE:-1} SKIP_COMPILE=${SKIP_COMPILE:-0}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -73,6 +74,8 @@ part "D pooling variants, bf16, batch $POOL_BATCH" 60 "$PY" benchmarks/pooling.p
 # a cold compile of the 128x128 model took over 170 s on an H200 with 16 cores
 part "bf16 compiled batch $B1, profiled" 240 "${BENCH[@]}" --batch "$B1" --precision bf16 \
   --compile yes --profile
+part "eager batch $B1: bf16 and fp32, NCHW and channels_last" 150 "${BENCH[@]}" --batch "$B1" \
+  --precision bf16,fp32 --channels-last both
 part "data loader on $NPROC host cores, $IMAGES JPEGs of 500x375" 90 "$PY" benchmarks/loader.py \
   --dir "$JPEGS" --images "$IMAGES" --resolution "$RES" --draft \
   --workers "1,$(( NPROC / 2 )),$(( NPROC > 1 ? NPROC - 1 : 1 ))"
@@ -80,7 +83,7 @@ part "data loader on $NPROC host cores, $IMAGES JPEGs of 500x375" 90 "$PY" bench
 # (links), so that G's and D's shapes are ImageNet's; S3GAN-CO (no label stage to wait for: the
 # step is S3GAN's plus a 1536 -> 1000 linear head), every label known. img/s from log.jsonl.
 rm -rf "$E2E_DATA" "$E2E_OUT"
-"$PY" - "$JPEGS" "$E2E_DATA" "$E2E_CLASSES" <<'EOF' 2>&1 | tee -a "$LOG"
+[ -d "$JPEGS" ] && "$PY" - "$JPEGS" "$E2E_DATA" "$E2E_CLASSES" <<'EOF' 2>&1 | tee -a "$LOG"
 import glob, os, sys
 files, root, n = sorted(glob.glob(f'{sys.argv[1]}/*/*.jpg')), sys.argv[2], int(sys.argv[3])
 for c in range(n):
@@ -88,7 +91,7 @@ for c in range(n):
     os.symlink(os.path.abspath(files[c % len(files)]), f'{root}/c{c:04d}/{c}.jpg')
 print(f'{root}: {n} classes of one JPEG each, linked from {len(files)} files')
 EOF
-part "end to end: s3gan.py train over JPEGs, bf16 compiled, batch $B1, $E2E_STEPS steps" 220 \
+part "end to end: s3gan.py train over JPEGs, bf16 compiled, batch $B1, $E2E_STEPS steps" 240 \
   "$PY" s3gan.py train --device "$DEVICE" --data "$E2E_DATA" --method s3gan-co \
   --labeled-fraction 1.0 --resolution "$RES" --ch "$CH" --batch-size "$B1" --precision bf16 \
   $( ((SKIP_COMPILE)) || echo --compile ) --steps "$E2E_STEPS" --log-every 20 \
@@ -101,8 +104,6 @@ if len(rows) > 1:   # the first row includes the compile
     print(f'end to end after the first row: {sum(r["images_per_s"] for r in rows[1:]) / (len(rows) - 1):.0f} img/s')
 EOF
 rm -rf "$E2E_OUT" "$E2E_DATA"   # weights are not needed back
-part "eager batch $B1: bf16 and fp32, NCHW and channels_last" 150 "${BENCH[@]}" --batch "$B1" \
-  --precision bf16,fp32 --channels-last both
 part "bf16 eager batch $B2" 90 "${BENCH[@]}" --batch "$B2" --precision bf16
 part "bf16 compiled channels_last batch $B1" 200 "${BENCH[@]}" --batch "$B1" --precision bf16 \
   --compile yes --channels-last yes
