@@ -1,7 +1,7 @@
 """The data loader's rate per core on ImageNet-like JPEGs, and the cores a GPU needs.
 
 It writes --images JPEGs of 500x375 (ImageNet's most common size) at quality 90 into class
-folders: smooth random colour fields at every scale plus pixel noise, about 90 KB each
+folders: smooth random colour fields at every scale plus pixel noise, ~100 KB each
 (ImageNet's training JPEGs average ~110 KB). Then it times s3gan's real training input path,
 s3gan.real_batches over s3gan.FolderDataset: decode (Pillow), TF's random square crop, the TF1
 bilinear resize to --resolution, collation into batches. Rows:

@@ -82,7 +82,8 @@ def main(argv=None):
           f'{args.batch}, {args.precision}, {rt.device}'
           f'{" (" + str(torch.get_num_threads()) + " threads)" if rt.type == "cpu" else ""}'
           f'{", channels_last" if args.channels_last else ""}, fastest of {args.reps}:')
-    print('| pooling | ms | speed vs before | max difference of D(x, y) / of its gradient in x (relative) |')
+    print('| pooling | ms | speed vs before | max difference of D(x, y) / of its gradient in x '
+          '(relative) |')
     print('|---|---|---|---|')
     first = next(iter(best.values()))
     for name, seconds in best.items():

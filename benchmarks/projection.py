@@ -108,8 +108,8 @@ def main(argv=None):
         print(f'loader: {args.loader_img_s_per_worker:.0f} img/s with one worker, measured here '
               f'(benchmarks/loader.py path, {os.cpu_count()} cores)')
     step_s = cfg.disc_iters * per_gpu / args.step_img_s
-    workers = args.cores_per_gpu - 1
-    loader_s = cfg.disc_iters * per_gpu / (workers * args.loader_img_s_per_worker)
+    workers, rate = args.cores_per_gpu - 1, args.loader_img_s_per_worker
+    loader_s = cfg.disc_iters * per_gpu / (workers * rate)
     g_step_s = max(step_s + allreduce_s, loader_s)
     print(f'Paper run: {PAPER_G_STEPS:,} G steps of batch {PAPER_BATCH} = {per_gpu} per GPU x '
           f'{n} GPUs, {cfg.disc_iters} real batches per G step:\n'
@@ -119,9 +119,8 @@ def main(argv=None):
           f'| all-reduce | {allreduce_s * 1e3:.1f} ms | {args.link_gbs:g} GB/s per direction, '
           f'ring, {args.latency_us:g} us a call, no overlap |\n'
           f'| loader (in parallel) | {loader_s * 1e3:.0f} ms | {workers} workers per GPU x '
-          f'{args.loader_img_s_per_worker:.0f} img/s = {workers * args.loader_img_s_per_worker:,.0f}'
-          f' img/s ({math.ceil(args.step_img_s / args.loader_img_s_per_worker) + 1} cores per '
-          f'GPU keep up) |\n'
+          f'{rate:.0f} img/s = {workers * rate:,.0f} img/s '
+          f'({math.ceil(args.step_img_s / rate) + 1} cores per GPU keep up) |\n'
           f'| **G step** | **{g_step_s * 1e3:.0f} ms** | max(step + all-reduce, loader): '
           f'{"the loader" if loader_s > step_s + allreduce_s else "the GPU"} sets the pace |')
     print(f'paper run: {PAPER_G_STEPS:,} x {g_step_s:.3f} s = {hours(PAPER_G_STEPS * g_step_s)} '

@@ -26,7 +26,6 @@ transfer to the device) and warns when it is slower than the fastest step measur
     python benchmarks/throughput.py --resolution 128 --ch 96 --batch 8 --compile both
     python benchmarks/throughput.py --device cuda --batch 256,512 --precision bf16,fp32
     python benchmarks/throughput.py --device cuda --batch 256 --data /imagenet/train
-    python benchmarks/throughput.py --device cuda --resolution 32 --ch 16 --batch 32 --compile yes --compile-mode reduce-overhead
 """
 
 import argparse
