@@ -23,9 +23,9 @@ Paper -> code:
 
 Deviations (each marked "NOTE (deviation)" where it happens): the G step feeds only fakes to D
 (compare_gan also feeds reals and discards their logits: same math); the label stage uses a
-small ResNet sized by resolution instead of ResNet-50 at every size; the D shortcut pools
-before its 1x1 conv (the same linear map, 4x cheaper). Parameter counts equal compare_gan's
-(128x128, ch 96, 1000 classes: G 70,433,988, D 87,988,518 for S3GAN; the tests check them all).
+small ResNet sized by resolution instead of ResNet-50 at every size; D pools before the
+shortcut's 1x1 conv and inside conv2 (one stride-2 conv): the same maps. Parameter counts equal
+compare_gan's (128x128, ch 96, 1000 classes: G 70,433,988, D 87,988,518 for S3GAN; tested).
 """
 
 import argparse
@@ -352,11 +352,19 @@ class Generator(nn.Module):
 
 # --- Discriminator with projection, rotation and classifier heads (resnet_biggan.py, s3gan.py) ----
 
+def conv_pooled(conv: SNConv2d, x):
+    """avgpool2x2(conv3x3(x)), D's downsampling (resnet_ops: conv, then avg_pool), as one stride-2
+    conv whose 4x4 kernel is the 2x2 average of the zero-padded 3x3 one: the same linear map with
+    16/36 of the multiplications, no pooling pass (test_conv_pooled_equals_conv_then_avg_pool)."""
+    W = spectral_normalize(conv.weight, conv.u, conv.training, sigma_out=conv.sigma_w)
+    W = F.avg_pool2d(F.pad(W, (1, 1, 1, 1)), 2, stride=1)         # (b, a, 4, 4)
+    return F.conv2d(x, W, conv.bias, stride=2, padding=1)
+
+
 class DBlock(nn.Module):
     """ReLU -> conv3x3 -> ReLU -> conv3x3 -> avgpool; a 1x1 shortcut only if the width changes:
     with equal widths no skip connection at all (resnet_biggan.BigGanResNetBlock: add_shortcut =
-    in_channels != out_channels). The shortcut pools before its 1x1 conv: the same linear map as
-    conv-then-pool, 4x cheaper."""
+    in_channels != out_channels). The shortcut pools before its 1x1 conv; conv2 via conv_pooled."""
 
     def __init__(self, in_ch: int, out_ch: int, down: bool):
         super().__init__()
@@ -366,9 +374,8 @@ class DBlock(nn.Module):
         self.down = down
 
     def forward(self, x):                                 # (B, a, H, W) -> (B, b, H/2, W/2)
-        h = self.conv2(F.relu(self.conv1(F.relu(x))))
-        if self.down:
-            h = F.avg_pool2d(h, 2)
+        h = F.relu(self.conv1(F.relu(x)))
+        h = conv_pooled(self.conv2, h) if self.down else self.conv2(h)
         if self.shortcut is None:
             return h
         return h + self.shortcut(F.avg_pool2d(x, 2) if self.down else x)
@@ -632,15 +639,17 @@ def random_square_crop(w: int, h: int, augment: bool, gen: Optional[torch.Genera
 def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     """(C, H, W) -> (C, size, size) as TF1's tf.image.resize_images (bilinear, align_corners=False,
     no half-pixel centres, no antialiasing), which compare_gan applies to the float crop: output
-    pixel i reads the input at i * in/out, between floor and floor + 1 (clamped to the edge)."""
-    for dim in (1, 2):
+    pixel i reads the input at i * in/out, between floor and floor + 1 (clamped to the edge).
+    Channels last while it runs: x is a view of an (H, W, C) image here, read in its own order."""
+    x = x.permute(1, 2, 0)                                          # (H, W, C)
+    for dim in (0, 1):
         n = x.shape[dim]
         src = torch.arange(size, dtype=torch.float32) * (n / size)
         i0 = src.floor().long()
         frac = (src - i0).view([size if d == dim else 1 for d in range(3)])
         a, b = x.index_select(dim, i0), x.index_select(dim, (i0 + 1).clamp(max=n - 1))
         x = a + (b - a) * frac
-    return x
+    return x.permute(2, 0, 1)
 
 
 class FolderDataset(Dataset):
@@ -678,7 +687,7 @@ class FolderDataset(Dataset):
                 warnings.warn(f'skipping unreadable image {path}: {e}')
                 continue
             left, top, right, bottom = random_square_crop(img.width, img.height, self.augment, gen)
-            x = _to_tensor(np.array(img))[:, top:bottom, left:right]       # float, then resize
+            x = _to_tensor(np.array(img)[top:bottom, left:right])         # float, then resize
             x = resize_tf1_bilinear(x, self.resolution)
             return x, int(self.labels[j % len(self.files)])
         raise BadImageError(f'--data: no readable image in {len(self.files)} files')

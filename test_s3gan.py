@@ -1540,3 +1540,58 @@ def test_xla_default_flags_run_label_stage_training_grid_and_checkpoint(xla, tmp
     assert os.listdir(out / 'samples') == ['step_0000001.png']
     ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
     assert ckpt['step'] == 1 and all(torch.isfinite(t).all() for t in ckpt['G_ema'].values())
+
+
+# --- issue 22: D's pooling fused into conv2, the loader's resize, the speed benchmarks ---------
+
+def test_conv_pooled_equals_conv_then_avg_pool():
+    """compare_gan's order (conv2, then a 2x2 average pool): the same outputs and gradients."""
+    torch.manual_seed(0)
+    conv = s3gan.SNConv2d(5, 7, 3).eval()                 # fixed u: the same weights each call
+    x = torch.randn(2, 5, 8, 12, requires_grad=True)
+    outs = [s3gan.conv_pooled(conv, x), F.avg_pool2d(conv(x), 2)]
+    g = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad(o, (x, conv.weight, conv.bias), g) for o in outs]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):                 # float32 rounding of sums of ~100 terms
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_resize_tf1_bilinear_reads_either_layout_alike():
+    x = torch.rand(3, 45, 61)
+    hwc = x.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # a view of an (H, W, C) image
+    y = s3gan.resize_tf1_bilinear(x, 32)
+    assert y.shape == (3, 32, 32) and torch.equal(y, s3gan.resize_tf1_bilinear(hwc, 32))
+    # output 16 reads the input at 16 * 45/32 = 22.5 and 16 * 61/32 = 30.5: four pixels' mean
+    torch.testing.assert_close(y[:, 16, 16], x[:, 22:24, 30:32].mean((1, 2)))
+
+
+def _benchmark(name):
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    return __import__(name)
+
+
+def test_projection_counts_what_one_g_step_all_reduces():
+    """2 D steps of D's fp32 gradients, G's once, and (2, C) moments of G's 11 batch norms in 3
+    forwards and 1 backward (128x128, ch 96: compare_gan's parameter counts)."""
+    projection = _benchmark('projection')
+    rows = projection.allreduce_per_g_step(Config(method='s3gan', num_classes=1000))
+    (_, _, d_bytes), (_, _, g_bytes), (_, bn_calls, bn_bytes) = rows
+    assert d_bytes == 2 * 4 * 87_988_518 and g_bytes == 4 * 70_433_988
+    channels = 3 * 1536 + 2 * (768 + 384 + 192 + 96)             # bn1, bn2 of B1..B5; bn_out
+    assert bn_calls == 11 * 4 and bn_bytes == 4 * 2 * 4 * channels
+
+
+def test_loader_benchmark_times_the_real_path_and_drafts_at_a_reduced_scale(tmp_path, capsys):
+    loader = _benchmark('loader')
+    open_ = Image.open
+    loader.write_jpegs(tmp_path, 4)
+    with loader.jpeg_draft(32):                 # TF's smallest crop, 306 px, still >= 8 x 32
+        with Image.open(tmp_path / 'class0' / '00000.jpg') as img:
+            assert img.convert('RGB').size == (63, 47)         # 500x375 decoded at 1/8
+    assert Image.open is open_
+    loader.main(['--dir', str(tmp_path), '--images', '4', '--resolution', '32', '--batch', '4',
+                 '--batches', '1', '--draft', '--workers', '1'])
+    out = capsys.readouterr().out
+    assert out.count('| exact (s3gan) |') == 2 and '| Pillow draft |' in out
+    assert 0 < float(out.split('mean |difference| ')[1].split()[0]) < 64

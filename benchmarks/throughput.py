@@ -17,7 +17,8 @@ on the device, after warm-up, with the device synchronised, and prints one markd
   250,000 x (ms per G step) x 2048 / (devices x batch per device). It assumes the time per image
   measured here holds at batch 2048 / devices and that N devices scale perfectly (gradient
   all-reduce and data loading not counted): a lower bound for N > 1. One device cannot hold
-  batch 2048: its column is the compute time, not a command one can run.
+  batch 2048: its column is the compute time, not a command one can run. benchmarks/
+  projection.py adds the all-reduce and the loader to a measured rate.
 
 With --data DIR it also times the data loader alone on that folder (decoding, crop, resize,
 transfer to the device) and warns when it is slower than the fastest step measured.
@@ -212,7 +213,7 @@ class Bench:
         mfu = f'{tflops / peak:.1%} ({peak:.4g} {peak_kind})' if peak else peak_kind
         paper = PAPER_G_STEPS * step_s * PAPER_BATCH / batch
         return (f'| {device_name(rt)} | {cfg.resolution} | {cfg.ch} | {cfg.method} | {batch} '
-                f'| {cfg.precision} | {"yes" if cfg.compile else "no"} '
+                f'| {cfg.precision} | {compiled(cfg, args)} '
                 f'| {"yes" if cfg.channels_last else "no"} | {self.img_s():.3g} '
                 f'| {step_s * 1e3:.1f} | {self.flops / 1e9:.1f} | {tflops:.3g} | {mfu} '
                 f'| {memory:.1f} | {self.warmup_s:.1f} | {duration(paper)} '
@@ -220,6 +221,11 @@ class Bench:
 
     def img_s(self):
         return self.cfg.disc_iters * self.cfg.batch_size / self.step_s
+
+
+def compiled(cfg, args):
+    return ('yes' + ('' if args.compile_mode == 'default' else f', {args.compile_mode}')
+            if cfg.compile else 'no')
 
 
 def oom_row(cfg):
@@ -263,6 +269,9 @@ def parse_args(argv=None):
     p.add_argument('--precision', default='fp32', help='fp32, bf16 or both: fp32,bf16')
     p.add_argument('--compile', default='no', choices=('no', 'yes', 'both'),
                    help='torch.compile of G and D (Config.compile); both: eager then compiled')
+    p.add_argument('--compile-mode', default='default',
+                   choices=('default', 'reduce-overhead', 'max-autotune'),
+                   help='torch.compile mode for the compiled rows (reduce-overhead: CUDA graphs)')
     p.add_argument('--channels-last', default='no', choices=('no', 'yes', 'both'),
                    help='channels_last memory format (Config.channels_last)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or xla')
@@ -286,6 +295,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     s3gan.build_models = build_models_once   # s3gan.build_training calls it by name
+    if args.compile_mode != 'default':       # s3gan.build_training calls Module.compile
+        compile_ = torch.nn.Module.compile
+        torch.nn.Module.compile = lambda self, **kw: compile_(self, mode=args.compile_mode, **kw)
     choice = dict(no=[False], yes=[True], both=[False, True])
     configs = [s3gan.Config(method=args.method, resolution=args.resolution, ch=args.ch,
                             num_classes=args.num_classes, batch_size=int(batch),
