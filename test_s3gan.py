@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -1527,3 +1528,124 @@ def test_xla_default_flags_run_label_stage_training_grid_and_checkpoint(xla, tmp
     assert os.listdir(out / 'samples') == ['step_0000001.png']
     ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
     assert ckpt['step'] == 1 and all(torch.isfinite(t).all() for t in ckpt['G_ema'].values())
+
+
+# --- issue 18: equal to compare_gan, numerically (tools/make_compare_gan_golden.py) ------------
+# The golden files hold the official code's own outputs (google/compare_gan run under TF 2 with
+# four shims, see the script) for a 32x32 and a 128x128-layout model with all S3GAN heads. Ours,
+# loaded through load_compare_gan, must give the same numbers up to float32 rounding: the largest
+# difference, relative to the largest value of the array, is at most GOLDEN_TOL.
+GOLDEN = sorted((ROOT / 'tools' / 'golden').glob('compare_gan_*.npz'))
+GOLDEN_TOL = 1e-4
+
+
+def golden_models(g, ema=False, replace=''):
+    """(cfg, G, D) from a golden file's variables; `replace`: a prefix of arrays in the file
+    (grad_d/, u_after/, ...) that take the place of the variables of the same TF name."""
+    arrays = {k[4:]: g[k] for k in g.files if k.startswith('var/')}
+    arrays.update({k[len(replace):]: g[k] for k in g.files if replace and k.startswith(replace)})
+    with mock.patch.object(s3gan, 'init_weights', lambda module: None):   # (QR: slow) all loaded
+        cfg, G_state, D_state = s3gan.load_compare_gan(arrays, ema=ema)
+        G, D = s3gan.build_models(cfg)
+    cfg = dataclasses.replace(cfg, rotated_batch_fraction=int(g['rotated_batch_fraction']))
+    G.load_state_dict(G_state), D.load_state_dict(D_state)
+    return cfg, G, D
+
+
+def assert_golden(ours, theirs, what, worst, floor=0.0):
+    """max |ours - theirs| / max(max |theirs|, floor) <= GOLDEN_TOL, recorded in `worst`."""
+    ours, theirs = (np.asarray(torch.as_tensor(a).detach(), np.float32) for a in (ours, theirs))
+    assert ours.shape == theirs.shape, what
+    err = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), floor, 1e-30))
+    worst[what] = err
+    assert err <= GOLDEN_TOL, f'{what}: ours differs from compare_gan by {err:.2e} (relative)'
+
+
+def nhwc(x):
+    return x.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize('path', GOLDEN, ids=lambda p: p.stem)
+def test_networks_equal_compare_gan(path):
+    """G(z, y) in training mode and D's three heads on half-unlabeled reals (the classifier's
+    argmax fills the projection's labels), as compare_gan's S3GAN computes them."""
+    g, worst = np.load(path), {}
+    _, G, D = golden_models(g)
+    x = torch.from_numpy(g['x_real']).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        assert_golden(nhwc(G(torch.from_numpy(g['z1']), torch.from_numpy(g['y1']))),
+                      g['g_images'], 'G images', worst)
+        out = D(x, torch.from_numpy(g['y_real']))
+    for name, ours in (('logits', out.logits[:, None]), ('rot_logits', out.rot_logits),
+                       ('cls_logits', out.cls_logits)):
+        assert_golden(ours, g[f'd_{name}'], name, worst)
+    print(path.stem, 'largest relative differences:', worst)
+
+
+class KeepGradients:
+    """Stands in for an optimizer in train_step: keeps the gradients, changes no weight."""
+
+    def __init__(self, module):
+        self.module, self.grads = module, {}
+
+    def zero_grad(self, set_to_none=True):
+        self.module.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        self.grads = {k: p.grad.clone() for k, p in self.module.named_parameters()}
+
+
+@pytest.mark.parametrize('path', GOLDEN, ids=lambda p: p.stem)
+def test_losses_gradients_and_u_equal_compare_gan(path, monkeypatch):
+    """One train_step (1 D step, the G step) on the golden reals, z and fake labels: L_D and L_G
+    with rotation and co-training, their gradients for every variable of D and G, and every u
+    after the power iterations, against compare_gan's S3GAN.create_loss run as model_fn's D and
+    G sub-steps run it."""
+    g, worst = np.load(path), {}
+    cfg, G, D = golden_models(g)
+    fakes = iter([(torch.from_numpy(g['z1']), torch.from_numpy(g['y1'])),
+                  (torch.from_numpy(g['z2']), torch.from_numpy(g['y2']))])
+    monkeypatch.setattr(s3gan, 'sample_fake_inputs', lambda *args: next(fakes))
+    x, y = torch.from_numpy(g['x_real']).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(
+        g['y_real'])
+    opts = KeepGradients(G), KeepGradients(D)
+    stats = s3gan.train_step((G, D, copy.deepcopy(G), G, D), opts, [(x, y, y)], cfg,
+                             s3gan.Runtime('cpu'), 0.0)
+    assert_golden(stats['loss_d'], g['d_loss'], 'L_D', worst)
+    assert_golden(stats['loss_g'], g['g_loss'], 'L_G', worst)
+    for net, opt, prefix in (('G', opts[0], 'grad_g/'), ('D', opts[1], 'grad_d/')):
+        theirs = dict(dict(zip('GD', golden_models(g, replace=prefix)[1:]))[net].named_parameters())
+        # gradients that are 0 or nearly so in exact arithmetic (biases before a batch norm) are
+        # float32 noise of sums that cancel, in both: arrays below 10% of the loss's largest
+        # gradient are compared relative to that 10% (the noise seen: up to 9e-6 of it)
+        floor = 0.1 * max(p.abs().max().item() for p in theirs.values())
+        for k, p in theirs.items():
+            assert_golden(opt.grads[k], p, f'dL_{net}/d {k}', worst, floor)
+    _, G_u, D_u = golden_models(g, replace='u_after/')
+    for ours, theirs in ((G, G_u), (D, D_u)):
+        for (k, u), u_tf in zip(ours.named_buffers(), theirs.buffers()):
+            if k.endswith('.u'):
+                assert_golden(u, u_tf, k, worst)
+    print(path.stem, 'largest relative difference:', max(worst.items(), key=lambda kv: kv[1]))
+
+
+@pytest.mark.parametrize('path', GOLDEN, ids=lambda p: p.stem)
+def test_standing_statistics_and_eval_equal_compare_gan(path, monkeypatch):
+    """G_ema (from the EMA shadows) after standing statistics over the golden batches, then in
+    evaluation mode, against compare_gan's TF-Hub generator after
+    eval_gan_lib._update_bn_accumulators; also the accumulated moments."""
+    g, worst = np.load(path), {}
+    _, G, _ = golden_models(g, ema=True)
+    zs, ys = iter(torch.from_numpy(g['z_accu'])), iter(torch.from_numpy(g['y_accu']))
+    monkeypatch.setattr(torch, 'randn', lambda *args, **kw: next(zs))      # the golden batches
+    monkeypatch.setattr(torch, 'randint', lambda *args, **kw: next(ys))    # instead of draws
+    s3gan.standing_statistics(G, len(g['z_accu']), seed=0)
+    monkeypatch.undo()
+    with torch.no_grad():
+        x = G(torch.from_numpy(g['z_eval']), torch.from_numpy(g['y_eval']))
+    assert_golden(nhwc(x), g['eval_images'], 'G_ema images', worst)
+    _, G_accu, _ = golden_models(g, ema=True, replace='accu_after/')
+    for (k, ours), theirs in zip(G.named_buffers(), G_accu.buffers()):
+        if '.accu_' in k:
+            assert_golden(ours, theirs, k, worst)
+    print(path.stem, 'largest relative difference:', max(worst.items(), key=lambda kv: kv[1]))
