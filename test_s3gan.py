@@ -1614,7 +1614,8 @@ def test_losses_gradients_and_u_equal_compare_gan(path, monkeypatch):
     assert_golden(stats['loss_d'], g['d_loss'], 'L_D', worst)
     assert_golden(stats['loss_g'], g['g_loss'], 'L_G', worst)
     for net, opt, prefix in (('G', opts[0], 'grad_g/'), ('D', opts[1], 'grad_d/')):
-        theirs = dict(dict(zip('GD', golden_models(g, replace=prefix)[1:]))[net].named_parameters())
+        theirs = dict(dict(zip('GD', golden_models(g, replace=prefix)[1:]))[net]
+                      .named_parameters())
         # gradients that are 0 or nearly so in exact arithmetic (biases before a batch norm) are
         # float32 noise of sums that cancel, in both: arrays below 10% of the loss's largest
         # gradient are compared relative to that 10% (the noise seen: up to 9e-6 of it)
@@ -1649,3 +1650,28 @@ def test_standing_statistics_and_eval_equal_compare_gan(path, monkeypatch):
         if '.accu_' in k:
             assert_golden(ours, theirs, k, worst)
     print(path.stem, 'largest relative difference:', max(worst.items(), key=lambda kv: kv[1]))
+
+
+def test_load_compare_gan_scope_prefix_generator_only_and_errors(monkeypatch):
+    """A scope before the names (TF-Hub) changes nothing; a checkpoint with G alone gives D None;
+    a variable with no place in ours, or a parameter of ours without one, is an error naming it;
+    import-tf without TensorFlow says what to install in one line."""
+    g = np.load(ROOT / 'tools' / 'golden' / 'compare_gan_32.npz')
+    arrays = {k[4:]: g[k] for k in g.files if k.startswith('var/')}
+    monkeypatch.setattr(s3gan, 'init_weights', lambda module: None)
+    cfg, G, D = s3gan.load_compare_gan(arrays)
+    _, G_hub, D_hub = s3gan.load_compare_gan({'module/' + k: v for k, v in arrays.items()})
+    assert cfg.method == 's3gan-co' and (cfg.resolution, cfg.ch, cfg.num_classes) == (32, 8, 10)
+    assert all(torch.equal(a[k], b[k]) for a, b in ((G, G_hub), (D, D_hub)) for k in a)
+    cfg_g, G_only, D_none = s3gan.load_compare_gan({k: v for k, v in arrays.items()
+                                                    if k.startswith('generator/')})
+    assert D_none is None and cfg_g.method == 's3gan'
+    assert all(torch.equal(G[k], G_only[k]) for k in G)
+    with pytest.raises(ValueError, match=r'discriminator/extra/kernel \(3,\) has no place'):
+        s3gan.load_compare_gan({**arrays, 'discriminator/extra/kernel': np.zeros(3)})
+    with pytest.raises(ValueError, match=r'our G\.blocks\.0\.conv1\.bias has no value'):
+        s3gan.load_compare_gan({k: v for k, v in arrays.items()     # (and its EMA shadow)
+                                if not k.startswith('generator/B1/up_conv1/bias')})
+    monkeypatch.setitem(sys.modules, 'tensorflow', None)
+    with pytest.raises(SystemExit):
+        s3gan.main(['import-tf', 'model.ckpt', '--out', 'unused'])
