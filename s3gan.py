@@ -1672,9 +1672,9 @@ def load_compare_gan(arrays: dict, ema: bool = True):
     if not res or 'G.fc_noise.weight' not in shape:
         raise ValueError(f'not a compare_gan resnet_biggan generator: {n_g} G blocks found')
     (chunk, seed_width), arch = shape['G.fc_noise.weight'], ARCH[res]
-    ch = seed_width // 16 // arch['g_mult'][0]
+    ch = seed_width // 16 // arch['g_mult'][0]    # attention: after the first block that wide
     attn = lambda net, mult: next((i for i, m in enumerate(mult) if i and m * ch == shape.get(
-        f'{net}.attn.theta.weight', [0] * 3)[2]), 0)   # noqa: E731 first block as wide as attn
+        f'{net}.attn.theta.weight', [0] * 3)[2]), 0 if net == 'G' or has_d else -1)  # noqa: E731
     method = {(1, 1): 's3gan-co', (1, 0): 's3gan', (0, 1): 's2gan-co', (0, 0): 's2gan'}[
         'D.rotation.weight' in names, 'D.classifier.weight' in names] if has_d else 's3gan'
     cfg = Config(method=method, resolution=res, ch=ch, num_classes=shape['G.embed_y.weight'][0],

@@ -4,6 +4,7 @@ Run: python -m pytest -q test_s3gan.py
 """
 import copy
 import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -1665,7 +1666,7 @@ def test_load_compare_gan_scope_prefix_generator_only_and_errors(monkeypatch):
     assert all(torch.equal(a[k], b[k]) for a, b in ((G, G_hub), (D, D_hub)) for k in a)
     cfg_g, G_only, D_none = s3gan.load_compare_gan({k: v for k, v in arrays.items()
                                                     if k.startswith('generator/')})
-    assert D_none is None and cfg_g.method == 's3gan'
+    assert D_none is None and (cfg_g.method, cfg_g.d_attn) == ('s3gan', 1)   # D: the defaults
     assert all(torch.equal(G[k], G_only[k]) for k in G)
     with pytest.raises(ValueError, match=r'discriminator/extra/kernel \(3,\) has no place'):
         s3gan.load_compare_gan({**arrays, 'discriminator/extra/kernel': np.zeros(3)})
@@ -1675,3 +1676,38 @@ def test_load_compare_gan_scope_prefix_generator_only_and_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, 'tensorflow', None)
     with pytest.raises(SystemExit):
         s3gan.main(['import-tf', 'model.ckpt', '--out', 'unused'])
+
+
+def test_import_tf_run_folder_samples_and_resumes_training(tmp_path, monkeypatch):
+    """import-tf on a TF-Hub module folder (TensorFlow's checkpoint reader replaced by one over
+    the golden variables) writes a run folder that `sample` reads and `train` resumes from."""
+    g = np.load(ROOT / 'tools' / 'golden' / 'compare_gan_32.npz')
+    arrays = {'module/' + k[4:]: g[k] for k in g.files if k.startswith('var/')}
+    reader = mock.Mock(get_variable_to_shape_map=lambda: {k: v.shape for k, v in arrays.items()},
+                       get_tensor=arrays.__getitem__)
+    opened = []
+    tf = mock.Mock(train=mock.Mock(load_checkpoint=lambda path: opened.append(path) or reader),
+                   __spec__=importlib.machinery.ModuleSpec('tensorflow', None))
+    monkeypatch.setitem(sys.modules, 'tensorflow', tf)
+    monkeypatch.setattr(s3gan, 'init_weights', lambda module: None)   # all loaded (QR: slow)
+    (tmp_path / 'hub' / 'variables').mkdir(parents=True)
+    (tmp_path / 'hub' / 'variables' / 'variables.index').touch()
+    run = tmp_path / 'run'
+    s3gan.main(['import-tf', str(tmp_path / 'hub'), '--out', str(run)])
+    assert opened == [str(tmp_path / 'hub' / 'variables' / 'variables')]
+    config = json.loads((run / 'config.json').read_text())
+    assert config == dict(method='s3gan-co', resolution=32, ch=8, num_classes=10, z_dim=64,
+                          embed_dim=16, g_mult=[4] * 4, d_mult=[2] * 4, g_attn=1, d_attn=1)
+    ckpt = torch.load(run / 'ckpt.pt', weights_only=True)
+    ema = 'generator/B1/up_conv1/kernel'
+    assert torch.equal(ckpt['G_ema']['blocks.0.conv1.weight'], torch.from_numpy(
+        arrays[f'module/{ema}/ExponentialMovingAverage'].astype(np.float32)).permute(3, 2, 0, 1))
+    assert torch.equal(ckpt['G']['blocks.0.conv1.weight'], torch.from_numpy(
+        arrays[f'module/{ema}'].astype(np.float32)).permute(3, 2, 0, 1))
+    (run / 'config.json').write_text(json.dumps(dict(config, standing_batches=2)))
+    x, y = s3gan.sample(str(run), 4, str(tmp_path / 'samples.npz'), device='cpu')
+    assert x.shape == (4, 32, 32, 3) and x.dtype == np.uint8 and (y < 10).all()
+    cfg = Config(**dict(config, data=tiny_npz(tmp_path / 'data.npz', classes=10), steps=1,
+                        batch_size=16, out=str(run), num_workers=0, log_every=1, ckpt_every=1,
+                        sample_every=100, standing_batches=2, device='cpu'))
+    assert s3gan.train(cfg)['step'] == 1            # resumed at step 0 from the imported weights
