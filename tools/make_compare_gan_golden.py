@@ -30,8 +30,8 @@ loss code twice as model_fn's D and G sub-steps do (each with its own z and fake
 same weights, since no optimizer step is taken) and takes tf.gradients of d_loss with respect to
 D's variables and of g_loss with respect to G's, the var_lists the optimizers get. Standing
 statistics are eval_gan_lib._update_bn_accumulators' procedure (set every accu/update_accus to 1,
-run the generator, set them to 0), written out because that function takes a session and tensor
-built by evaluate_tfhub_module from a saved hub module.
+run the generator, set them to 0), written out here: that function runs a generator tensor
+without feeds (evaluate_tfhub_module draws z inside the graph), and we feed fixed batches.
 
 Each configuration starts from the same state S0: compare_gan's initialisers (orthogonal kernels,
 glorot projection, random u), then biases, BN gains/offsets and attention gains set to random
@@ -135,6 +135,7 @@ def build(tf, gin, hub, S3GAN, resolution: int, c: dict):
         f'S3GAN.rotated_batch_fraction = {c["rotated_batch_fraction"]}',
         'S3GAN.project_y = True', 'S3GAN.use_predictor = True'])
     tf.reset_default_graph()
+    tf.set_random_seed(resolution)                 # compare_gan's initialisers: the same S0
     R, B, K, Z = resolution, c['batch'], c['num_classes'], c['z_dim']
     dataset = types.SimpleNamespace(name='golden', image_shape=(R, R, 3), num_classes=K)
     gan = S3GAN(dataset=dataset, parameters={'architecture': 'resnet_biggan_arch', 'z_dim': Z, 'lambda': 1},
