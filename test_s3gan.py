@@ -1612,8 +1612,10 @@ def test_losses_gradients_and_u_equal_compare_gan(path, monkeypatch):
     opts = KeepGradients(G), KeepGradients(D)
     stats = s3gan.train_step((G, D, copy.deepcopy(G), G, D), opts, [(x, y, y)], cfg,
                              s3gan.Runtime('cpu'), 0.0)
-    assert_golden(stats['loss_d'], g['d_loss'], 'L_D', worst)
-    assert_golden(stats['loss_g'], g['g_loss'], 'L_G', worst)
+    for ours, theirs in (('loss_d', 'd_loss'), ('loss_rot_d', 'd_loss_rot'),
+                         ('loss_cls', 'd_loss_cls'), ('loss_g', 'g_loss'),
+                         ('loss_rot_g', 'g_loss_rot')):   # the losses, then their parts
+        assert_golden(stats[ours], g[theirs], ours, worst)
     for net, opt, prefix in (('G', opts[0], 'grad_g/'), ('D', opts[1], 'grad_d/')):
         theirs = dict(dict(zip('GD', golden_models(g, replace=prefix)[1:]))[net]
                       .named_parameters())

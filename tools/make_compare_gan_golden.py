@@ -41,8 +41,8 @@ The .npz holds: var/<TF name> (S0: every variable, u_var, accu_*, EMA shadows); 
 (uint8, NHWC, /255 gives the float images), y_real (-1: unlabeled), z1, y1, z2, y2, z_accu,
 y_accu, z_eval, y_eval; phase F (from S0): g_images (G(z1, y1), training mode, NHWC), d_logits,
 d_rot_logits, d_cls_logits (the D heads on x_real, y_real); phase L (from S0): d_loss with
-grad_d/<name> (D sub-step: z1, y1), then g_loss with grad_g/<name> (G sub-step: z2, y2) and
-u_after/<name>; phase E (from S0): the EMA generator in evaluation mode after standing statistics
+grad_d/<name> (D sub-step: z1, y1), then g_loss with grad_g/<name> (G sub-step: z2, y2),
+their parts d_loss_rot, d_loss_cls, g_loss_rot (as create_loss logs them) and u_after/<name>; phase E (from S0): the EMA generator in evaluation mode after standing statistics
 over the z_accu/y_accu batches, eval_images = G_ema(z_eval, y_eval), accu_after/<name>.
 """
 import argparse
@@ -147,8 +147,12 @@ def build(tf, gin, hub, S3GAN, resolution: int, c: dict):
     t.g_images = gan.generator(t.z, y=tf.one_hot(t.y, K), is_training=True)
     _, t.d_logits, t.d_rot_logits, t.d_cls_logits, _ = gan.discriminator_with_additonal_heads(
         t.x_real, tf.one_hot(t.y_real, K), is_training=True)
+    summaries = {}                                 # create_loss's parts, as it logs them
+    gan._tpu_summary.scalar = lambda name, tensor, *args: summaries.__setitem__(name, tensor)
     gan.create_loss(dict(images=t.x_real, z=t.z, sampled_labels=t.y), t.y_real, params={})
     t.d_loss, t.g_loss = gan.d_loss, gan.g_loss
+    t.d_loss_rot, t.d_loss_cls, t.g_loss_rot = (summaries[f'loss/{name}'] for name in (
+        'real_loss', 'class_loss_real', 'fake_loss'))
     t.d_vars, t.g_vars = gan.discriminator.trainable_variables, gan.generator.trainable_variables
     t.grad_d = tf.gradients(t.d_loss, t.d_vars)
     t.grad_g = tf.gradients(t.g_loss, t.g_vars)
@@ -228,8 +232,10 @@ def golden(tf, gin, hub, S3GAN, resolution: int, out_dir: str):
             {t.x_real: x, t.y_real: g['y_real'], t.z: g['z1'], t.y: g['y1']})))
         load_state(sess, t, s0)
         feed = {t.x_real: x, t.y_real: g['y_real']}
-        g['d_loss'], grad_d = sess.run([t.d_loss, t.grad_d], {**feed, t.z: g['z1'], t.y: g['y1']})
-        g['g_loss'], grad_g = sess.run([t.g_loss, t.grad_g], {**feed, t.z: g['z2'], t.y: g['y2']})
+        g['d_loss'], g['d_loss_rot'], g['d_loss_cls'], grad_d = sess.run(
+            [t.d_loss, t.d_loss_rot, t.d_loss_cls, t.grad_d], {**feed, t.z: g['z1'], t.y: g['y1']})
+        g['g_loss'], g['g_loss_rot'], grad_g = sess.run(
+            [t.g_loss, t.g_loss_rot, t.grad_g], {**feed, t.z: g['z2'], t.y: g['y2']})
         g.update({f'grad_d/{v.op.name}': d for v, d in zip(t.d_vars, grad_d)})
         g.update({f'grad_g/{v.op.name}': d for v, d in zip(t.g_vars, grad_g)})
         g.update({f'u_after/{k}': sess.run(v) for k, v in t.vars.items() if k.endswith('u_var')})
