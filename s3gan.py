@@ -1662,8 +1662,8 @@ def load_compare_gan(arrays: dict, ema: bool = True):
     S3GAN): heads give the method, shapes the sizes; EMA shadows (ModularGAN.g_use_ema) replace
     G's weights unless `ema` is False; no D variable (the TF-Hub export keeps G's only): D None.
     A variable without a place here, or one of ours left without a value, is an error."""
-    names = {tf_to_ours(n.removesuffix('/ExponentialMovingAverage')): n for n in sorted(   # ours:
-        arrays, key=lambda n: n.endswith('Average'))   # TF's, the EMA shadows last: they win
+    names = {tf_to_ours(n.removesuffix('/ExponentialMovingAverage')): n for n in sorted(
+        arrays, key=lambda n: n.endswith('Average'))   # our key -> TF name; EMA last: it wins
         if not TF_IGNORED.search(n) and (ema or not n.endswith('/ExponentialMovingAverage'))}
     has_d = any(k.startswith('D.') for k in names)
     shape = {k: arrays[n].shape for k, n in names.items()}
