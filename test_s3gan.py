@@ -4,12 +4,14 @@ Run: python -m pytest -q test_s3gan.py
 """
 import copy
 import dataclasses
+import importlib
 import json
 import os
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -1595,3 +1597,187 @@ def test_loader_benchmark_times_the_real_path_and_drafts_at_a_reduced_scale(tmp_
     out = capsys.readouterr().out
     assert out.count('| exact (s3gan) |') == 2 and '| Pillow draft |' in out
     assert 0 < float(out.split('mean |difference| ')[1].split()[0]) < 64
+
+
+# --- issue 18: equal to compare_gan, numerically (tools/make_compare_gan_golden.py) ------------
+# The golden files hold the official code's own outputs (google/compare_gan run under TF 2 with
+# four shims, see the script) for a 32x32 and a 128x128-layout model with all S3GAN heads. Ours,
+# loaded through load_compare_gan, must give the same numbers up to float32 rounding: the largest
+# difference, relative to the largest value of the array, is at most GOLDEN_TOL.
+GOLDEN = sorted((ROOT / 'tools' / 'golden').glob('compare_gan_*.npz'))
+GOLDEN_TOL = 1e-4
+
+
+def golden_models(g, ema=False, replace=''):
+    """(cfg, G, D) from a golden file's variables; `replace`: a prefix of arrays in the file
+    (grad_d/, u_after/, ...) that take the place of the variables of the same TF name."""
+    arrays = {k[4:]: g[k] for k in g.files if k.startswith('var/')}
+    arrays.update({k[len(replace):]: g[k] for k in g.files if replace and k.startswith(replace)})
+    with mock.patch.object(s3gan, 'init_weights', lambda module: None):   # (QR: slow) all loaded
+        cfg, G_state, D_state = s3gan.load_compare_gan(arrays, ema=ema)
+        G, D = s3gan.build_models(cfg)
+    cfg = dataclasses.replace(cfg, rotated_batch_fraction=int(g['rotated_batch_fraction']))
+    G.load_state_dict(G_state), D.load_state_dict(D_state)
+    return cfg, G, D
+
+
+def assert_golden(ours, theirs, what, worst, floor=0.0):
+    """max |ours - theirs| / max(max |theirs|, floor) <= GOLDEN_TOL, recorded in `worst`."""
+    ours, theirs = (np.asarray(torch.as_tensor(a).detach(), np.float32) for a in (ours, theirs))
+    assert ours.shape == theirs.shape, what
+    err = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), floor, 1e-30))
+    worst[what] = err
+    assert err <= GOLDEN_TOL, f'{what}: ours differs from compare_gan by {err:.2e} (relative)'
+
+
+def nhwc(x):
+    return x.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize('path', GOLDEN, ids=lambda p: p.stem)
+def test_networks_equal_compare_gan(path):
+    """G(z, y) in training mode and D's three heads on half-unlabeled reals (the classifier's
+    argmax fills the projection's labels), as compare_gan's S3GAN computes them."""
+    g, worst = np.load(path), {}
+    _, G, D = golden_models(g)
+    x = torch.from_numpy(g['x_real']).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        assert_golden(nhwc(G(torch.from_numpy(g['z1']), torch.from_numpy(g['y1']))),
+                      g['g_images'], 'G images', worst)
+        out = D(x, torch.from_numpy(g['y_real']))
+    for name, ours in (('logits', out.logits[:, None]), ('rot_logits', out.rot_logits),
+                       ('cls_logits', out.cls_logits)):
+        assert_golden(ours, g[f'd_{name}'], name, worst)
+    print(path.stem, 'largest relative differences:', worst)
+
+
+class KeepGradients:
+    """Stands in for an optimizer in train_step: keeps the gradients, changes no weight."""
+
+    def __init__(self, module):
+        self.module, self.grads = module, {}
+
+    def zero_grad(self, set_to_none=True):
+        self.module.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        self.grads = {k: p.grad.clone() for k, p in self.module.named_parameters()}
+
+
+@pytest.mark.parametrize('path', GOLDEN, ids=lambda p: p.stem)
+def test_losses_gradients_and_u_equal_compare_gan(path, monkeypatch):
+    """One train_step (1 D step, the G step) on the golden reals, z and fake labels: L_D and L_G
+    with rotation and co-training, their gradients for every variable of D and G, and every u
+    after the power iterations, against compare_gan's S3GAN.create_loss run as model_fn's D and
+    G sub-steps run it."""
+    g, worst = np.load(path), {}
+    cfg, G, D = golden_models(g)
+    fakes = iter([(torch.from_numpy(g['z1']), torch.from_numpy(g['y1'])),
+                  (torch.from_numpy(g['z2']), torch.from_numpy(g['y2']))])
+    monkeypatch.setattr(s3gan, 'sample_fake_inputs', lambda *args: next(fakes))
+    x, y = torch.from_numpy(g['x_real']).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(
+        g['y_real'])
+    opts = KeepGradients(G), KeepGradients(D)
+    stats = s3gan.train_step((G, D, copy.deepcopy(G), G, D), opts, [(x, y, y)], cfg,
+                             s3gan.Runtime('cpu'), 0.0)
+    for ours, theirs in (('loss_d', 'd_loss'), ('loss_rot_d', 'd_loss_rot'),
+                         ('loss_cls', 'd_loss_cls'), ('loss_g', 'g_loss'),
+                         ('loss_rot_g', 'g_loss_rot')):   # the losses, then their parts
+        assert_golden(stats[ours], g[theirs], ours, worst)
+    for net, opt, prefix in (('G', opts[0], 'grad_g/'), ('D', opts[1], 'grad_d/')):
+        theirs = dict(dict(zip('GD', golden_models(g, replace=prefix)[1:]))[net]
+                      .named_parameters())
+        # relative to the loss's largest gradient: gradients that are 0 in exact arithmetic
+        # (a bias before a batch norm) are float32 noise in both, and the batch norms' backward
+        # over 4 x 128 x 128 values amplifies rounding (seen: up to 2.6e-5 of the largest)
+        floor = max(p.abs().max().item() for p in theirs.values())
+        for k, p in theirs.items():
+            assert_golden(opt.grads[k], p, f'dL_{net}/d {k}', worst, floor)
+    _, G_u, D_u = golden_models(g, replace='u_after/')
+    for ours, theirs in ((G, G_u), (D, D_u)):
+        for (k, u), u_tf in zip(ours.named_buffers(), theirs.buffers()):
+            if k.endswith('.u'):
+                assert_golden(u, u_tf, k, worst)
+    print(path.stem, 'largest relative difference:', max(worst.items(), key=lambda kv: kv[1]))
+
+
+@pytest.mark.parametrize('path', GOLDEN, ids=lambda p: p.stem)
+def test_standing_statistics_and_eval_equal_compare_gan(path, monkeypatch):
+    """G_ema (from the EMA shadows) after standing statistics over the golden batches, then in
+    evaluation mode, against compare_gan's TF-Hub generator after
+    eval_gan_lib._update_bn_accumulators; also the accumulated moments."""
+    g, worst = np.load(path), {}
+    _, G, _ = golden_models(g, ema=True)
+    zs, ys = iter(torch.from_numpy(g['z_accu'])), iter(torch.from_numpy(g['y_accu']))
+    monkeypatch.setattr(torch, 'randn', lambda *args, **kw: next(zs))      # the golden batches
+    monkeypatch.setattr(torch, 'randint', lambda *args, **kw: next(ys))    # instead of draws
+    s3gan.standing_statistics(G, len(g['z_accu']), seed=0)
+    monkeypatch.undo()
+    with torch.no_grad():
+        x = G(torch.from_numpy(g['z_eval']), torch.from_numpy(g['y_eval']))
+    assert_golden(nhwc(x), g['eval_images'], 'G_ema images', worst)
+    _, G_accu, _ = golden_models(g, ema=True, replace='accu_after/')
+    for (k, ours), theirs in zip(G.named_buffers(), G_accu.buffers()):
+        if '.accu_' in k:
+            assert_golden(ours, theirs, k, worst)
+    print(path.stem, 'largest relative difference:', max(worst.items(), key=lambda kv: kv[1]))
+
+
+def test_load_compare_gan_scope_prefix_generator_only_and_errors(monkeypatch):
+    """A scope before the names (TF-Hub) changes nothing; a checkpoint with G alone gives D None;
+    a variable with no place in ours, or a parameter of ours without one, is an error naming it;
+    import-tf without TensorFlow says what to install in one line."""
+    g = np.load(ROOT / 'tools' / 'golden' / 'compare_gan_32.npz')
+    arrays = {k[4:]: g[k] for k in g.files if k.startswith('var/')}
+    monkeypatch.setattr(s3gan, 'init_weights', lambda module: None)
+    cfg, G, D = s3gan.load_compare_gan(arrays)
+    _, G_hub, D_hub = s3gan.load_compare_gan({'module/' + k: v for k, v in arrays.items()})
+    assert cfg.method == 's3gan-co' and (cfg.resolution, cfg.ch, cfg.num_classes) == (32, 8, 10)
+    assert all(torch.equal(a[k], b[k]) for a, b in ((G, G_hub), (D, D_hub)) for k in a)
+    cfg_g, G_only, D_none = s3gan.load_compare_gan({k: v for k, v in arrays.items()
+                                                    if k.startswith('generator/')})
+    assert D_none is None and (cfg_g.method, cfg_g.d_attn) == ('s3gan', 1)   # D: the defaults
+    assert all(torch.equal(G[k], G_only[k]) for k in G)
+    with pytest.raises(ValueError, match=r'discriminator/extra/kernel \(3,\) has no place'):
+        s3gan.load_compare_gan({**arrays, 'discriminator/extra/kernel': np.zeros(3)})
+    with pytest.raises(ValueError, match=r'our G\.blocks\.0\.conv1\.bias has no value'):
+        s3gan.load_compare_gan({k: v for k, v in arrays.items()     # (and its EMA shadow)
+                                if not k.startswith('generator/B1/up_conv1/bias')})
+    monkeypatch.setitem(sys.modules, 'tensorflow', None)
+    with pytest.raises(SystemExit):
+        s3gan.main(['import-tf', 'model.ckpt', '--out', 'unused'])
+
+
+def test_import_tf_run_folder_samples_and_resumes_training(tmp_path, monkeypatch):
+    """import-tf on a TF-Hub module folder (TensorFlow's checkpoint reader replaced by one over
+    the golden variables) writes a run folder that `sample` reads and `train` resumes from."""
+    g = np.load(ROOT / 'tools' / 'golden' / 'compare_gan_32.npz')
+    arrays = {'module/' + k[4:]: g[k] for k in g.files if k.startswith('var/')}
+    reader = mock.Mock(get_variable_to_shape_map=lambda: {k: v.shape for k, v in arrays.items()},
+                       get_tensor=arrays.__getitem__)
+    opened = []
+    tf = mock.Mock(train=mock.Mock(load_checkpoint=lambda path: opened.append(path) or reader),
+                   __spec__=importlib.machinery.ModuleSpec('tensorflow', None))
+    monkeypatch.setitem(sys.modules, 'tensorflow', tf)
+    monkeypatch.setattr(s3gan, 'init_weights', lambda module: None)   # all loaded (QR: slow)
+    (tmp_path / 'hub' / 'variables').mkdir(parents=True)
+    (tmp_path / 'hub' / 'variables' / 'variables.index').touch()
+    run = tmp_path / 'run'
+    s3gan.main(['import-tf', str(tmp_path / 'hub'), '--out', str(run)])
+    assert opened == [str(tmp_path / 'hub' / 'variables' / 'variables')]
+    config = json.loads((run / 'config.json').read_text())
+    assert config == dict(method='s3gan-co', resolution=32, ch=8, num_classes=10, z_dim=64,
+                          embed_dim=16, g_mult=[4] * 4, d_mult=[2] * 4, g_attn=1, d_attn=1)
+    ckpt = torch.load(run / 'ckpt.pt', weights_only=True)
+    ema = 'generator/B1/up_conv1/kernel'
+    assert torch.equal(ckpt['G_ema']['blocks.0.conv1.weight'], torch.from_numpy(
+        arrays[f'module/{ema}/ExponentialMovingAverage'].astype(np.float32)).permute(3, 2, 0, 1))
+    assert torch.equal(ckpt['G']['blocks.0.conv1.weight'], torch.from_numpy(
+        arrays[f'module/{ema}'].astype(np.float32)).permute(3, 2, 0, 1))
+    (run / 'config.json').write_text(json.dumps(dict(config, standing_batches=2)))
+    x, y = s3gan.sample(str(run), 4, str(tmp_path / 'samples.npz'), device='cpu')
+    assert x.shape == (4, 32, 32, 3) and x.dtype == np.uint8 and (y < 10).all()
+    cfg = Config(**dict(config, data=tiny_npz(tmp_path / 'data.npz', classes=10), steps=1,
+                        batch_size=16, out=str(run), num_workers=0, log_every=1, ckpt_every=1,
+                        sample_every=100, standing_batches=2, device='cpu'))
+    assert s3gan.train(cfg)['step'] == 1            # resumed at step 0 from the imported weights
