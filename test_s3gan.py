@@ -6,8 +6,12 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -1540,3 +1544,167 @@ def test_xla_default_flags_run_label_stage_training_grid_and_checkpoint(xla, tmp
     assert os.listdir(out / 'samples') == ['step_0000001.png']
     ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
     assert ckpt['step'] == 1 and all(torch.isfinite(t).all() for t in ckpt['G_ema'].values())
+
+
+# --- issue 20: every failure ends the run promptly, leaves nothing behind; the paper's setup ----
+# The fault-injection matrix (docs/robustness.md): each case a real `s3gan.py train` with 2 loader
+# workers on folder data, tiny nets (ch 4, 32x32, biggan: no label stage unless the case is it).
+
+FAULT_DRIVER = '''
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import s3gan
+fault, calls = sys.argv.pop(1), []   # grid, ckpt: a SIGTERM to itself as the first one starts
+
+
+def before(f):                       # slow ckpt: from the second checkpoint on, 2 s to write
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if fault == 'slow ckpt' and len(calls) > 1:
+            __import__('time').sleep(2)
+        elif fault != 'slow ckpt' and len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return f(*args, **kwargs)
+    return wrapped
+
+
+if fault == 'grid':
+    s3gan.standing_statistics = before(s3gan.standing_statistics)
+else:
+    torch.save = before(torch.save)
+sys.argv[0] = 's3gan.py'
+s3gan.main()
+'''
+
+
+def _alive(pid):   # a zombie is no process left
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[1][0] != 'Z'
+    except OSError:
+        return False
+
+
+def _children(pid):
+    try:
+        return [int(p) for p in Path(f'/proc/{pid}/task/{pid}/children').read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.fixture(scope='module')
+def fault_setup(tmp_path_factory):
+    """40 images of 2 classes and several sizes (random crops); the unbroken run of 30 steps
+    that resumed ones must equal."""
+    root = tmp_path_factory.mktemp('faults')
+    data = tiny_folder(root / 'data', n=40, classes=2)
+    files = s3gan.FolderDataset(data, 32, True, False).files
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()  # epoch 0
+
+    def command(out, steps=30, *extra):
+        return ([sys.executable, str(ROOT / 's3gan.py'), 'train', '--data', data, '--method',
+                 'biggan', '--resolution', '32', '--ch', '4', '--batch-size', '8', '--steps',
+                 str(steps), '--log-every', '1', '--sample-every', '1000', '--ckpt-every', '1',
+                 '--standing-batches', '2', '--num-workers', '2', '--device', 'cpu', '--out',
+                 str(out), *extra])
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run(command(root / 'unbroken'), capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dict(root=root, data=data, files=files, perm=perm, command=command, env=env)
+
+
+FAULTS = {   # case: (what to wait for in stdout, what to do then, extra flags, exit code)
+    'corrupt image, first batch': ('', None, (), 2),
+    'corrupt image, met mid-run': ('', None, (), 2),
+    'image deleted mid-run': ('step 1/', 'delete', (), 2),
+    'one worker SIGKILLed': ('step 1/', 'kill worker', (), 1),
+    'SIGTERM in the label stage': ('pretrain ', 'SIGTERM', ('--method', 's3gan', '--pretrain-steps',
+                                                          '200', '--pretrain-batch-size', '8'), 143),
+    'SIGTERM in training': ('step 1/', 'SIGTERM', (), 143),
+    'SIGTERM in the sample grid': ('', 'grid', ('--sample-every', '2'), 143),
+    'SIGTERM while ckpt.pt is written': ('', 'ckpt', (), 143),
+    'SIGINT twice, writing ckpt.pt': ('step 2/', 'slow ckpt', (), 130),
+    'main process SIGKILLed': ('step 1/', 'SIGKILL', (), -9),
+    'disk full writing ckpt.pt': ('', 'ulimit -f', (), 2),
+}
+
+
+def _watch_children(p):
+    """Every child process `p` has had, collected in the background until p has exited."""
+    seen = set()
+
+    def watch():
+        while p.poll() is None:
+            seen.update(_children(p.pid))
+            time.sleep(0.02)
+    threading.Thread(target=watch, daemon=True).start()
+    return seen
+
+
+@pytest.mark.skipif(not Path('/proc/self/task').exists(), reason='lists processes in /proc')
+@pytest.mark.parametrize('case', FAULTS)
+def test_fault_ends_the_run_promptly_and_leaves_nothing_behind(fault_setup, case, tmp_path):
+    wait_for, act, extra, code = FAULTS[case]
+    s, out, data = fault_setup, tmp_path / 'run', tmp_path / 'data'
+    shutil.copytree(s['data'], data)                  # the fixture's images stay whole
+    run = lambda steps: [str(data) if a == s['data'] else a    # noqa: E731 (on the copy)
+                         for a in s['command'](out, steps, *extra)]
+    command, preexec = run(30), None
+    image = lambda pos: s['files'][s['perm'][pos]].replace(s['data'], str(data))  # noqa: E731
+    if case.startswith('corrupt'):   # at stream position 0 (step 1), or 33 (step 3 of 30)
+        Path(image(0 if 'first' in case else 33)).write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
+    if act in ('grid', 'ckpt', 'slow ckpt'):
+        command[:2] = [sys.executable, '-c', FAULT_DRIVER.format(root=str(ROOT)), act]
+    if act == 'ulimit -f':           # a first checkpoint, then a disk that takes 200 kB a file
+        r = subprocess.run(run(2), capture_output=True, text=True, env=s['env'])
+        assert r.returncode == 0, r.stderr[-3000:]
+        resource = __import__('resource')
+        preexec = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000,) * 2)  # noqa: E731
+    t = time.time()
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=s['env'], preexec_fn=preexec)
+    kids, lines = _watch_children(p), []
+    for line in p.stdout if wait_for else ():
+        lines.append(line)
+        if line.startswith(wait_for):
+            break
+    if wait_for:                     # the fault comes now; the others at the start
+        t = time.time()
+    if act == 'delete':
+        os.remove(image(-1))
+    elif act == 'kill worker':
+        os.kill(min(kids), signal.SIGKILL)
+    elif act in ('SIGTERM', 'SIGKILL'):
+        os.kill(p.pid, getattr(signal, act))
+    elif act == 'slow ckpt':          # as step 2's checkpoint is being written
+        os.kill(p.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.kill(p.pid, signal.SIGINT)
+    rest, err = p.communicate(timeout=120)    # returns once the workers, too, closed the pipes
+    seconds = time.time() - t
+    time.sleep(0.5)
+    lines += rest.splitlines()
+    assert p.returncode == code, err[-3000:]
+    assert len(kids) >= 2 and not any(map(_alive, kids)), f'left alive: {kids}'
+    assert seconds < (10 if wait_for else 30), seconds
+    if code in (2, 130, 143):        # our one-line message, no traceback
+        assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err[-3000:]
+    if code == 2:
+        assert (f'cannot write {out}/ckpt.pt' if act == 'ulimit -f' else
+                f'cannot read image {data}/') in err, err
+    logged = [int(line.split()[1].split('/')[0]) for line in lines if line.startswith('step ')]
+    assert not (out / 'ckpt.pt.tmp').exists()
+    if not logged:                   # stopped before the first step: nothing written
+        assert case in ('corrupt image, first batch', 'SIGTERM in the label stage'), case
+        assert not (out / 'ckpt.pt').exists() and not (out / 'labels.npz').exists()
+        return
+    step = _ckpt_tensors(out / 'ckpt.pt')[0] if (out / 'ckpt.pt').exists() else None  # loads
+    assert step in (logged[-1], logged[-1] - 1) or step is None and code in (1, -9), step
+    if code in (2, 130, 143):        # the new one; the old one where its writing failed or stopped
+        assert step == logged[-1] - (act in ('ulimit -f', 'slow ckpt')), (step, logged)
+    if code in (130, 143) or act == 'ulimit -f':      # the same command resumes exactly
+        r = subprocess.run(run(30), capture_output=True, text=True, env=s['env'], timeout=300)
+        assert r.returncode == 0 and 'resuming from' in r.stdout, r.stderr[-3000:]
+        _, unbroken = _ckpt_tensors(s['root'] / 'unbroken' / 'ckpt.pt')
+        _, resumed = _ckpt_tensors(out / 'ckpt.pt')
+        assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
