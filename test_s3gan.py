@@ -480,7 +480,7 @@ def test_labels_short_s2gan_run_reaches_stated_accuracy(short_run):
 def test_labels_rotation_pretraining_predicts_rotations(short_run):
     cfg, _ = short_run
     state = torch.load(os.path.join(cfg.out, 'pretrain.pt'), weights_only=True)
-    net = FeatureNet(tuple(state['widths']), state['num_classes'])
+    net = s3gan.feature_net(state['resolution'], state['num_classes'])   # what it records
     net.load_state_dict(state['net'])
     net.eval()
     x = torch.stack([make_dataset(Config(num_images=1200, resolution=32))[i][0]
@@ -895,7 +895,14 @@ rows = slice(rt.rank * 8 // rt.world, (rt.rank + 1) * 8 // rt.world)
 x = G_train(z[rows], y[rows])                  # batch norms see the moments of all 8 images
 loss = (x - 0.3).square().mean()               # DDP averages: the mean over the global batch
 loss.backward()
-torch.save(dict(x=x.detach(), grads=[p.grad for p in G.parameters()]),
+_, D = s3gan.build_models(s3gan.Config(method='s3gan-co', resolution=32, ch=4, num_classes=5))
+x_real, y_real = torch.rand(8, 3, 32, 32, generator=g), torch.tensor([0, -1, -1, -1, 1, 2, -1, 3])
+D_train = rt.wrap(D)                           # kept: its hooks average D's gradients
+out = D_train(x_real[rows], y_real[rows])      # 1 labeled image in one half, 3 in the other
+loss_cls = s3gan.class_loss(out.cls_logits, y_real[rows])
+(out.logits.mean() + out.rot_logits.mean() + loss_cls).backward()
+torch.save(dict(x=x.detach(), grads=[p.grad for p in G.parameters()], loss_cls=loss_cls.detach(),
+                grads_D=[p.grad for p in D.parameters()]),
            os.path.join({out!r}, f'rank{{rt.rank}}_of{{rt.world}}.pt'))
 if torch.distributed.is_initialized():   # both ranks done before gloo's teardown
     torch.distributed.barrier()
@@ -915,6 +922,11 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path):
     r0, r1 = torch.load(tmp_path / 'rank0_of2.pt'), torch.load(tmp_path / 'rank1_of2.pt')
     assert torch.allclose(torch.cat([r0['x'], r1['x']]), one['x'], atol=1e-5)   # global moments
     for g1, g0, g_1 in zip(one['grads'], r0['grads'], r1['grads']):
+        assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4) and torch.equal(g0, g_1)
+    # s3gan-co's D: the class loss is the mean over the 4 labeled images of both processes
+    assert torch.allclose(r0['loss_cls'], one['loss_cls']) and torch.equal(r0['loss_cls'],
+                                                                           r1['loss_cls'])
+    for g1, g0, g_1 in zip(one['grads_D'], r0['grads_D'], r1['grads_D']):
         assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4) and torch.equal(g0, g_1)
 
 
@@ -1708,3 +1720,80 @@ def test_fault_ends_the_run_promptly_and_leaves_nothing_behind(fault_setup, case
         _, unbroken = _ckpt_tensors(s['root'] / 'unbroken' / 'ckpt.pt')
         _, resumed = _ckpt_tensors(out / 'ckpt.pt')
         assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+
+
+def test_spectral_norm_sigma_is_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = s3gan.SNLinear(64, 48)
+    layer.weight.data.mul_(1 + torch.rand(48, 64) / 7)    # digits a bf16 product would round off
+    u = layer.u.clone()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(torch.randn(2, 64))
+    layer.u.copy_(u)
+    layer(torch.randn(2, 64))                              # the same iteration in float32
+    sigma_fp32 = layer.sigma_w.clone()
+    layer.u.copy_(u)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(torch.randn(2, 64))
+    assert layer.sigma_w.dtype == torch.float32 and torch.equal(layer.sigma_w, sigma_fp32)
+
+
+def test_data_npz_images_larger_than_the_resolution_get_the_folder_random_crop(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'd.npz', x=img[None], y=np.zeros(1))
+    os.makedirs(tmp_path / 'f' / 'a')
+    Image.fromarray(img).save(tmp_path / 'f' / 'a' / '0.png')
+    npz, folder = (make_dataset(Config(data=str(tmp_path / p), resolution=32, seed=3))
+                   for p in ('d.npz', 'f'))
+    assert torch.equal(npz[(0, 7)][0], folder[(0, 7)][0])   # TF's crop, from (seed, position)
+    assert not torch.equal(npz[(0, 7)][0], npz[(0, 8)][0])
+    central = make_dataset(Config(data=str(tmp_path / 'd.npz'), resolution=32), augment=False)
+    assert torch.equal(central[0][0], make_dataset(Config(data=str(tmp_path / 'f'), resolution=32),
+                                                   augment=False)[0][0])
+
+
+def test_labels_file_made_elsewhere_is_checked_and_used(tmp_path, capsys):
+    cfg = train_cfg(tmp_path, method='s3gan', steps=1)        # 48 images of 3 classes
+    y = np.arange(48) % 3
+    made = np.where(np.arange(48) % 5 == 0, (y + 1) % 3, y)    # inferred elsewhere, some wrong
+    np.savez(tmp_path / 'mine.npz', labels=made, labeled=np.arange(48) % 4 == 0)
+    np.savez(tmp_path / 'short.npz', labels=made[:40], labeled=np.zeros(40, bool))
+    np.savez(tmp_path / 'nolabeled.npz', labels=made)
+    for name, message in (('short.npz', '40 labels for 48 images'),
+                          ('nolabeled.npz', 'expected integer labels and bool labeled')):
+        with pytest.raises(SystemExit):
+            s3gan.main(['train', '--labels', str(tmp_path / name), *_cli(cfg)])
+        err = capsys.readouterr().err
+        assert name in err and message in err and len(err.strip().splitlines()) == 1, err
+    s3gan.main(['train', '--labels', str(tmp_path / 'mine.npz'), *_cli(cfg)])
+    kept = load_labels(os.path.join(cfg.out, 'labels.npz'))
+    assert np.array_equal(kept[0], made) and not os.path.exists(os.path.join(cfg.out, 'pretrain.pt'))
+    with pytest.raises(ValueError, match='made with labels'):     # another file: refused
+        s3gan.train(dataclasses.replace(cfg, labels=str(tmp_path / 'short.npz'), steps=2))
+    co = dataclasses.replace(cfg, method='s3gan-co', out=str(tmp_path / 'co'),
+                             labels=str(tmp_path / 'mine.npz'))
+    s3gan.train(co)                                            # co-training: -1 where unlabeled
+    kept = load_labels(os.path.join(co.out, 'labels.npz'))[0]
+    assert np.array_equal(kept, np.where(np.arange(48) % 4 == 0, made, -1))
+
+
+def _cli(cfg):
+    return [f'--{k.replace("_", "-")}={v}' for k, v in dataclasses.asdict(cfg).items()
+            if v != getattr(Config(), k) and k not in ('g_mult', 'd_mult', 'z_dim', 'g_attn',
+                                                          'd_attn')]
+
+
+def test_labels_stage_at_128_is_the_resnet50_with_s4ls_schedule(tmp_path):
+    assert s3gan.label_stage(Config(resolution=128)) == (100000, 1024, 0.03)   # S4L's
+    assert s3gan.label_stage(Config(resolution=32)) == (800, 128, 0.1)         # the demo's net
+    cfg = Config(method='s2gan', data='shapes', num_images=20, resolution=128, labeled_fraction=0.5,
+                 pretrain_steps=1, pretrain_batch_size=8, num_workers=0, device='cpu',
+                 out=str(tmp_path))
+    torch.manual_seed(0)
+    result = infer_labels(cfg)                                 # one step, 2 + 2 images x 4
+    state = torch.load(tmp_path / 'pretrain.pt', weights_only=True)
+    net = s3gan.feature_net(state['resolution'], state['num_classes'])
+    net.load_state_dict(state['net'])
+    assert isinstance(net, s3gan.ResNet50) and state['num_classes'] == 10
+    assert result.labels.shape == (20,) and result.labeled.sum() == 10
+    assert load_labels(tmp_path / 'labels.npz')[3]['pretrain_batch_size'] == 8
