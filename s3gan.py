@@ -78,7 +78,7 @@ class Config:
     data: str = 'shapes'               # 'shapes' (embedded), a folder of class subfolders, an .npz
     num_images: int = 10000            # size of the embedded 'shapes' set (ours)
     labeled_fraction: float = 0.1      # fraction of labeled images; paper Sec. 4: 5, 10, 20%
-    labels: str = ''                   # labels made elsewhere, an .npz as labels.npz: no label stage
+    labels: str = ''                   # labels made elsewhere (.npz as labels.npz): no label stage
     out: str = 'runs/s3gan'            # run folder: config, labels, checkpoints, samples, log
     # architecture (compare_gan architectures/resnet_biggan.py)
     resolution: int = 128              # image side in pixels; biggan_imagenet128.gin: 128
@@ -206,10 +206,9 @@ class SNLinear(nn.Linear):
 
 def all_processes_sum(t: torch.Tensor) -> torch.Tensor:
     """t summed over the processes of a torchrun job, differentiably (t itself in one process)."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce   # nn.SyncBatchNorm refuses CPU
-        return all_reduce(t)
-    return t
+    from torch.distributed.nn.functional import all_reduce   # nn.SyncBatchNorm refuses CPU
+    many = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return all_reduce(t) if many else t
 
 
 class BatchStandardize(nn.Module):
@@ -488,12 +487,10 @@ def rotation_loss(rot_logits, rot_labels):
 def class_loss(cls_logits, y):
     """CE_cls over the labeled rows only (y >= 0), averaged over them; 0 when none is labeled:
     sum(w_i CE_i) / #(w_i != 0), w_i = has_label, both sums over every process (all-reduced).
-
     NOTE (deviation): compare_gan's tf.losses.softmax_cross_entropy(weights=is_label_available)
-    takes that mean per TPU core (its 16 images) and CrossShardOptimizer the mean over the cores;
-    a core without a labeled image adds 0, so at 10% labels the loss weighs 1 - 0.9^16 = 0.81 of
-    ours there, and the value depends on the number of cores. Ours does not on the processes.
-    """
+    takes that mean per TPU core (its 16 images), CrossShardOptimizer the mean over the cores: a
+    core without a labeled image adds 0, so at 10% labels its loss weighs 1 - 0.9^16 = 0.81 of
+    ours, and depends on the number of cores; ours not on the number of processes."""
     has_label = (y >= 0).float()
     ce = F.cross_entropy(cls_logits.float(), y.clamp(min=0), reduction='none')
     total = all_processes_sum(torch.stack([(ce * has_label).sum(), has_label.sum()]))
@@ -658,8 +655,8 @@ def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def crop_and_resize(x: torch.Tensor, resolution: int, augment: bool, seed: int, pos=None):
-    """(3, H, W) float -> (3, R, R): random_square_crop, then resize_tf1_bilinear. Given a position
-    in the stream of samples, the crop is a pure function of (seed, position), not worker state."""
+    """(3, H, W) float -> (3, R, R): random_square_crop (given a position in the stream of
+    samples, drawn from (seed, position), not from worker state), then resize_tf1_bilinear."""
     gen = None if pos is None else torch.Generator().manual_seed(
         int(np.random.SeedSequence((seed, pos)).generate_state(1, np.uint64)[0]))
     left, top, right, bottom = random_square_crop(x.shape[2], x.shape[1], augment, gen)
@@ -705,8 +702,7 @@ class FolderDataset(Dataset):
 
 
 class NpzDataset(Dataset):
-    """`x` uint8 (N, H, W, 3) and optional `y` int (N,) in one .npz file; images of another size
-    than the resolution are cropped and resized as folder images."""
+    """`x` uint8 (N, H, W, 3), optional `y` int (N,); other sizes are cropped as folder images."""
 
     def __init__(self, path: str, resolution: int, augment: bool, seed: int = 0):
         with np.load(path) as f:
@@ -914,8 +910,7 @@ def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, st
     net, (_, batch, lr), paper = feature_net(cfg.resolution, num_classes).to(device), \
         label_stage(cfg), cfg.resolution >= 128
     # At 128 and up S4L's SGD: momentum 0.9, weight decay 1e-3, a linear warm-up over 5 of 200
-    # epochs, x0.1 at epochs 140, 160 and 180. NOTE (choice): below, Nesterov, 5e-4, a warm-up
-    # over 5% of the steps, then cosine to 0 (the demo's; measured better in few steps).
+    # epochs, x0.1 at 140, 160, 180. NOTE (choice): below, the demo's: Nesterov, 5e-4, cosine.
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=not paper,
                           weight_decay=1e-3 if paper else 5e-4)
     warmup = max(1, steps // (40 if paper else 20))
@@ -1042,9 +1037,8 @@ def infer_labels(cfg: Config) -> InferredLabels:
         accuracy = (float((labels[known] == true[known]).mean()) if s4l
                     else cluster_accuracy(labels[known], true[known]))
         print(f'label accuracy on {known.sum()} unlabeled images: {accuracy:.4f}')
-    save_checkpoint(os.path.join(cfg.out, 'pretrain.pt'),
-                    {'resolution': cfg.resolution, 'num_classes': num_classes,   # feature_net
-                     'net': net.state_dict()})
+    save_checkpoint(os.path.join(cfg.out, 'pretrain.pt'), dict(    # what feature_net rebuilds
+        resolution=cfg.resolution, num_classes=num_classes, net=net.state_dict()))
     save_labels(path, labels, labeled, accuracy, provenance)
     return InferredLabels(labels.astype(np.int64), labeled, accuracy)
 
@@ -1354,16 +1348,14 @@ def method_labels(cfg: Config, dataset, rt: Runtime) -> InferredLabels:
     if cfg.method == 'biggan':
         return InferredLabels(y, np.ones(len(y), bool), None)
     path, provenance = os.path.join(cfg.out, 'labels.npz'), label_provenance(cfg, dataset)
-    if rt.is_main and cfg.labels and not os.path.exists(path):   # made elsewhere: checked
-        labels, labeled = load_labels(cfg.labels)[:2]
+    co = uses_classifier(cfg.method)                 # s2gan-co, s3gan-co: -1 where not labeled
+    if rt.is_main and (cfg.labels or co) and not os.path.exists(path):   # labels made elsewhere
+        labels, labeled = (load_labels(cfg.labels)[:2] if cfg.labels else   # (checked) or the
+                           (y, select_labeled(y, cfg.labeled_fraction, cfg.seed)))   # true k%
         if len(labels) != len(y):
             raise ValueError(f'--labels {cfg.labels}: {len(labels)} labels for {len(y)} images')
-        co = uses_classifier(cfg.method)             # co-training: -1 where not ground truth
         save_labels(path, np.where(labeled | (not co), labels, -1), labeled, None, provenance)
-    elif rt.is_main and uses_classifier(cfg.method) and not os.path.exists(path):   # true k%
-        labeled = select_labeled(y, cfg.labeled_fraction, cfg.seed)
-        save_labels(path, np.where(labeled, y, -1), labeled, None, provenance)
-    elif rt.is_main and not cfg.labels and not uses_classifier(cfg.method):   # s2gan, s3gan, ...
+    elif rt.is_main and not (cfg.labels or co):      # s2gan, s3gan, clustering(-ss)
         infer_labels(cfg)
     rt.barrier()
     return InferredLabels(*load_labels(path, provenance)[:3])
@@ -1403,17 +1395,16 @@ def save_checkpoint(path: str, state: dict):
     """torch.save to a temporary file, then an atomic rename: a kill never leaves half a file;
     a failed write (a full disk) leaves the old file, no temporary one, and a one-line OSError."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = to_cpu(state)
     try:
-        with open(path + '.tmp', 'wb') as fh:   # a Python file: a failed write is an OSError,
-            torch.save(state, fh)               # the context of torch's RuntimeError
+        with open(path + '.tmp', 'wb') as fh:   # a Python file: torch's RuntimeError of a failed
+            torch.save(to_cpu(state), fh)       # write then has the OSError as its context
         os.replace(path + '.tmp', path)
-    except (OSError, RuntimeError) as e:
-        if not isinstance(e.__context__ if isinstance(e, RuntimeError) else e, OSError):
+    except RuntimeError as e:
+        if not isinstance(e.__context__, OSError):
             raise
-        raise OSError(f'cannot write {path}: {e.__context__ or e}') from None
+        raise OSError(f'cannot write {path}: {e.__context__}') from None
     finally:
-        if os.path.exists(path + '.tmp'):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(path + '.tmp')
 
 
@@ -1437,7 +1428,8 @@ def build_training(cfg: Config, rt: Runtime):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """args (message, signal): SIGTERM or SIGINT came, the step was finished, ckpt.pt written."""
+    """args (message, signal): SIGTERM or SIGINT came (in training: the step was finished and
+    ckpt.pt written). A KeyboardInterrupt, as Ctrl-C's: no `except Exception` swallows it."""
 
 
 @contextlib.contextmanager
@@ -1456,21 +1448,19 @@ def stop_signals():
 
 def ignore_stop_signals(worker_id: int):
     """DataLoader workers leave SIGINT and SIGTERM sent to the process group (Ctrl-C, a batch
-    scheduler) to the main process, which finishes its step. Only the parent's own SIGTERM (its
-    exit: multiprocessing's terminate()) or its death ends a worker, at once: deaf to those, the
-    workers would hold the main process's exit forever, or outlive it."""
+    scheduler) to the main process, which finishes its step; the parent's own SIGTERM (its exit:
+    terminate()) or its death ends a worker at once (deaf to both, they held the exit forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, 'sigtimedwait'):                    # macOS: SIGTERM ends the worker
-        return
-    parent, stop = os.getppid(), {signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)            # taken only by the thread below
+    if hasattr(signal, 'sigtimedwait'):                        # not on macOS: SIGTERM ends it
+        parent = os.getppid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # taken by the thread below
 
-    def obey_parent():
-        while True:
-            info = signal.sigtimedwait(stop, 1.0)
-            if (info and info.si_pid == parent) or os.getppid() != parent:
-                os._exit(0)
-    threading.Thread(target=obey_parent, daemon=True).start()
+        def obey_parent():   # and once a second: is the parent alive?
+            while getattr(signal.sigtimedwait({signal.SIGTERM}, 1), 'si_pid', 0) != parent \
+                    and os.getppid() == parent:
+                pass
+            os._exit(0)
+        threading.Thread(target=obey_parent, daemon=True).start()
 
 
 # config.json fields a resume may change: not in the step's math (device and precision change
@@ -1812,10 +1802,10 @@ def main(argv=None):
                    'or snapshots/step_XXXXXXX.pt')
     args = parser.parse_args(argv)
 
-    def interrupt(signum, frame):   # SIGTERM and SIGINT end any stage as an error does, so the
-        raise TrainingInterrupted(f'stopped by {signal.Signals(signum).name}', signum)   # exit
-    handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}  # ends
-    try:                                                   # the loader workers (ignore_stop_signals)
+    def interrupt(signum, frame):   # a stop signal ends any stage as an error does
+        raise TrainingInterrupted(f'stopped by {signal.Signals(signum).name}', signum)
+    handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
         if args.command == 'sample':
             sample(**{k: v for k, v in vars(args).items() if k != 'command'})
             print(f'wrote {args.num} samples to {args.to}')
