@@ -909,8 +909,8 @@ def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, st
     S4L's class loss also sees the rotated copies; the GAN's images are upright."""
     net, (_, batch, lr), paper = feature_net(cfg.resolution, num_classes).to(device), \
         label_stage(cfg), cfg.resolution >= 128
-    # At 128 and up S4L's SGD: momentum 0.9, weight decay 1e-3, a linear warm-up over 5 of 200
-    # epochs, x0.1 at 140, 160, 180. NOTE (choice): below, the demo's: Nesterov, 5e-4, cosine.
+    # At 128 and up S4L's SGD: momentum 0.9, weight decay 1e-3 (NOTE (choice): S4L's is on kernels
+    # only), a linear warm-up over 5 of 200 epochs, x0.1 at 140, 160, 180. Below, the demo's.
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=not paper,
                           weight_decay=1e-3 if paper else 5e-4)
     warmup = max(1, steps // (40 if paper else 20))
