@@ -22,10 +22,11 @@ Paper -> code:
     Sec. 4 evaluation (standing stats, FID)  standing_statistics, sample, fid.py
 
 Deviations (each marked "NOTE (deviation)" where it happens): the G step feeds only fakes to D
-(compare_gan also feeds reals and discards their logits: same math); the label stage uses a
-small ResNet sized by resolution instead of ResNet-50 at every size; the D shortcut pools
-before its 1x1 conv (the same linear map, 4x cheaper). Parameter counts equal compare_gan's
-(128x128, ch 96, 1000 classes: G 70,433,988, D 87,988,518 for S3GAN; the tests check them all).
+(compare_gan also feeds reals and discards their logits: same math); below 128x128 the label
+stage uses a small ResNet, not ResNet-50; the class loss averages over every process's labeled
+images, not per core; the D shortcut pools before its 1x1 conv (the same linear map, 4x cheaper).
+Parameter counts equal compare_gan's (128x128, ch 96, 1000 classes: G 70,433,988, D 87,988,518
+for S3GAN; the tests check them all).
 """
 
 import argparse
@@ -909,17 +910,16 @@ def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, st
     S4L's class loss also sees the rotated copies; the GAN's images are upright."""
     net, (_, batch, lr), paper = feature_net(cfg.resolution, num_classes).to(device), \
         label_stage(cfg), cfg.resolution >= 128
-    # At 128 and up S4L's SGD: momentum 0.9, weight decay 1e-3 (NOTE (choice): S4L's is on kernels
-    # only), a linear warm-up over 5 of 200 epochs, x0.1 at 140, 160, 180. Below, the demo's.
+    # At 128 and up S4L's SGD: momentum 0.9, weight decay 1e-3 (NOTE (deviation): S4L's is on the
+    # kernels only), a linear warm-up over 5 of 200 epochs, x0.1 at 140, 160, 180. Below, ours.
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=not paper,
                           weight_decay=1e-3 if paper else 5e-4)
     warmup = max(1, steps // (40 if paper else 20))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
         0.1 ** sum(s >= steps * e // 200 for e in (140, 160, 180)) if paper
         else 0.5 * (1 + math.cos(math.pi * s / steps))))
-    # batch counts rotated images: B/4 images in 4 rotations (and for S4L as many labeled
-    # ones, whose upright copies also get the class loss; with every image labeled, that
-    # stream alone: the other would repeat it)
+    # batch counts rotated images: B/4 images in 4 rotations (for S4L as many labeled ones, whose
+    # upright copies get the class loss; every image labeled: that stream alone, not twice)
     n, every = max(1, batch // NUM_ROTATIONS), num_classes and labeled.all()
     images = None if every else _endless(ds, n, cfg)
     labeled_images = _endless(torch.utils.data.Subset(ds, np.flatnonzero(labeled)), n, cfg)
