@@ -1396,13 +1396,14 @@ def save_checkpoint(path: str, state: dict):
     a failed write (a full disk) leaves the old file, no temporary one, and a one-line OSError."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        with open(path + '.tmp', 'wb') as fh:   # a Python file: torch's RuntimeError of a failed
-            torch.save(to_cpu(state), fh)       # write then has the OSError as its context
+        with open(path + '.tmp', 'wb') as fh:   # a Python file: a failed write raises an OSError
+            torch.save(to_cpu(state), fh)       # (or torch's RuntimeError with it as its context)
         os.replace(path + '.tmp', path)
-    except RuntimeError as e:
-        if not isinstance(e.__context__, OSError):
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
             raise
-        raise OSError(f'cannot write {path}: {e.__context__}') from None
+        raise OSError(f'cannot write {path}: {cause}') from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path + '.tmp')

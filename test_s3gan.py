@@ -1605,14 +1605,14 @@ def _children(pid):
 
 @pytest.fixture(scope='module')
 def fault_setup(tmp_path_factory):
-    """40 images of 2 classes and several sizes (random crops); the unbroken run of 30 steps
+    """40 images of 2 classes and several sizes (random crops); the unbroken run of 20 steps
     that resumed ones must equal."""
     root = tmp_path_factory.mktemp('faults')
     data = tiny_folder(root / 'data', n=40, classes=2)
     files = s3gan.FolderDataset(data, 32, True, False).files
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()  # epoch 0
 
-    def command(out, steps=30, *extra):
+    def command(out, steps=20, *extra):
         return ([sys.executable, str(ROOT / 's3gan.py'), 'train', '--data', data, '--method',
                  'biggan', '--resolution', '32', '--ch', '4', '--batch-size', '8', '--steps',
                  str(steps), '--log-every', '1', '--sample-every', '1000', '--ckpt-every', '1',
@@ -1661,9 +1661,9 @@ def test_fault_ends_the_run_promptly_and_leaves_nothing_behind(fault_setup, case
     shutil.copytree(s['data'], data)                  # the fixture's images stay whole
     run = lambda steps: [str(data) if a == s['data'] else a    # noqa: E731 (on the copy)
                          for a in s['command'](out, steps, *extra)]
-    command, preexec = run(30), None
+    command, preexec = run(20), None
     image = lambda pos: s['files'][s['perm'][pos]].replace(s['data'], str(data))  # noqa: E731
-    if case.startswith('corrupt'):   # at stream position 0 (step 1), or 33 (step 3 of 30)
+    if case.startswith('corrupt'):   # at stream position 0 (step 1), or 33 (step 3 of 20)
         Path(image(0 if 'first' in case else 33)).write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
     if act in ('grid', 'ckpt', 'slow ckpt'):
         command[:2] = [sys.executable, '-c', FAULT_DRIVER.format(root=str(ROOT)), act]
@@ -1715,7 +1715,7 @@ def test_fault_ends_the_run_promptly_and_leaves_nothing_behind(fault_setup, case
     if code in (2, 130, 143):        # the new one; the old one where its writing failed or stopped
         assert step == logged[-1] - (act in ('ulimit -f', 'slow ckpt')), (step, logged)
     if code in (130, 143) or act == 'ulimit -f':      # the same command resumes exactly
-        r = subprocess.run(run(30), capture_output=True, text=True, env=s['env'], timeout=300)
+        r = subprocess.run(run(20), capture_output=True, text=True, env=s['env'], timeout=300)
         assert r.returncode == 0 and 'resuming from' in r.stdout, r.stderr[-3000:]
         _, unbroken = _ckpt_tensors(s['root'] / 'unbroken' / 'ckpt.pt')
         _, resumed = _ckpt_tensors(out / 'ckpt.pt')
