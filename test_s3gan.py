@@ -1630,8 +1630,8 @@ FAULTS = {   # case: (what to wait for in stdout, what to do then, extra flags, 
     'corrupt image, met mid-run': ('', None, (), 2),
     'image deleted mid-run': ('step 1/', 'delete', (), 2),
     'one worker SIGKILLed': ('step 1/', 'kill worker', (), 1),
-    'SIGTERM in the label stage': ('pretrain ', 'SIGTERM', ('--method', 's3gan', '--pretrain-steps',
-                                                          '200', '--pretrain-batch-size', '8'), 143),
+    'SIGTERM in the label stage': ('pretrain ', 'SIGTERM', (
+        '--method', 's3gan', '--pretrain-steps', '200', '--pretrain-batch-size', '8'), 143),
     'SIGTERM in training': ('step 1/', 'SIGTERM', (), 143),
     'SIGTERM in the sample grid': ('', 'grid', ('--sample-every', '2'), 143),
     'SIGTERM while ckpt.pt is written': ('', 'ckpt', (), 143),
@@ -1767,7 +1767,7 @@ def test_labels_file_made_elsewhere_is_checked_and_used(tmp_path, capsys):
         assert name in err and message in err and len(err.strip().splitlines()) == 1, err
     s3gan.main(['train', '--labels', str(tmp_path / 'mine.npz'), *_cli(cfg)])
     kept = load_labels(os.path.join(cfg.out, 'labels.npz'))
-    assert np.array_equal(kept[0], made) and not os.path.exists(os.path.join(cfg.out, 'pretrain.pt'))
+    assert np.array_equal(kept[0], made) and not (Path(cfg.out) / 'pretrain.pt').exists()
     with pytest.raises(ValueError, match='made with labels'):     # another file: refused
         s3gan.train(dataclasses.replace(cfg, labels=str(tmp_path / 'short.npz'), steps=2))
     co = dataclasses.replace(cfg, method='s3gan-co', out=str(tmp_path / 'co'),
