@@ -22,10 +22,11 @@ Paper -> code:
     Sec. 4 evaluation (standing stats, FID)  standing_statistics, sample, fid.py
 
 Deviations (each marked "NOTE (deviation)" where it happens): the G step feeds only fakes to D
-(compare_gan also feeds reals and discards their logits: same math); the label stage uses a
-small ResNet sized by resolution instead of ResNet-50 at every size; D pools before the
-shortcut's 1x1 conv and inside conv2 (one stride-2 conv): the same maps. Parameter counts equal
-compare_gan's (128x128, ch 96, 1000 classes: G 70,433,988, D 87,988,518 for S3GAN; tested).
+(compare_gan also feeds reals and discards their logits: same math); below 128x128 the label
+stage uses a small ResNet, not ResNet-50; the class loss averages over every process's labeled
+images, not per core; D pools before the shortcut's 1x1 conv and inside conv2 (one stride-2
+conv): the same maps. Parameter counts equal compare_gan's (128x128, ch 96, 1000 classes:
+G 70,433,988, D 87,988,518 for S3GAN; the tests check them all).
 """
 
 import argparse
@@ -78,6 +79,7 @@ class Config:
     data: str = 'shapes'               # 'shapes' (embedded), a folder of class subfolders, an .npz
     num_images: int = 10000            # size of the embedded 'shapes' set (ours)
     labeled_fraction: float = 0.1      # fraction of labeled images; paper Sec. 4: 5, 10, 20%
+    labels: str = ''                   # labels made elsewhere (.npz as labels.npz): no label stage
     out: str = 'runs/s3gan'            # run folder: config, labels, checkpoints, samples, log
     # architecture (compare_gan architectures/resnet_biggan.py)
     resolution: int = 128              # image side in pixels; biggan_imagenet128.gin: 128
@@ -89,9 +91,9 @@ class Config:
     g_attn: int = -1                   # G block followed by attention (0: none; -1: per res.)
     d_attn: int = -1                   # D block followed by attention (0: none; -1: per res.)
     embed_dim: int = 128               # size of G's shared class embedding (embed_y)
-    bn_eps: float = 1e-5               # batch-norm epsilon (arch_ops.standardize_batch)
+    bn_eps: float = 1e-5               # batch-norm epsilon (the gin file; arch_ops' default 1e-3)
     # losses and heads (compare_gan gans/s3gan.py)
-    rotated_batch_fraction: int = 2    # 1/f of the batch gets rotated (S3GAN; test value 2)
+    rotated_batch_fraction: int = 2    # f: bs/(4f) images rotated 3 ways (gin.REQUIRED; test: 2)
     weight_rotation_loss_d: float = 1.0  # weight of D's rotation loss on reals
     weight_rotation_loss_g: float = 0.2  # weight of G's rotation loss on fakes
     weight_class_loss: float = 1.0     # weight of D's classifier loss (co-training methods)
@@ -108,8 +110,8 @@ class Config:
     ema_start: int = 40000             # G step where averaging starts (ModularGAN.ema_start_step)
     # label inference (paper Sec. 3.1; ours: compare_gan only reads label files)
     pretrain_steps: int = 0            # label-stage SGD steps; 0: per resolution
-    pretrain_batch_size: int = 128     # label-stage batch, rotated copies included
-    pretrain_lr: float = 0.1           # label-stage SGD + momentum learning rate, cosine decay
+    pretrain_batch_size: int = 0       # label-stage batch, rotated copies; 0: per resolution
+    pretrain_lr: float = 0.0           # label-stage SGD learning rate; 0: per resolution
     clusters: int = 0                  # k-means K for the clustering methods; 0: num_classes
     # run
     device: str = 'auto'               # auto|cpu|cuda|xla (auto: cuda, else a TPU, else cpu)
@@ -163,12 +165,13 @@ def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: floa
     M = W.flatten(1)                                               # (out, in*kh*kw) = w^T
     if M.shape[1] <= M.shape[0]:
         M = M.t()                                                  # u on the input side
-    with torch.no_grad(), torch.autocast(W.device.type, enabled=False):
-        v = F.normalize(M.t() @ u, dim=0, eps=eps)
-        u_new = F.normalize(M @ v, dim=0, eps=eps)
-        if update:
-            u.copy_(u_new)
-    sigma = (u_new * (M @ v)).sum()
+    with torch.autocast(W.device.type, enabled=False):             # sigma in float32 under bf16
+        with torch.no_grad():
+            v = F.normalize(M.t() @ u, dim=0, eps=eps)
+            u_new = F.normalize(M @ v, dim=0, eps=eps)
+            if update:
+                u.copy_(u_new)
+        sigma = (u_new * (M @ v)).sum()
     if sigma_out is not None:
         sigma_out.copy_(sigma.detach())
     return W / sigma
@@ -202,11 +205,18 @@ class SNLinear(nn.Linear):
         return F.linear(x, self.normalized_weight(), self.bias)
 
 
+def all_processes_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the processes of a torchrun job, differentiably (t itself in one process)."""
+    from torch.distributed.nn.functional import all_reduce   # nn.SyncBatchNorm refuses CPU
+    many = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return all_reduce(t) if many else t
+
+
 class BatchStandardize(nn.Module):
     """(x - E[x]) / sqrt(Var[x] + eps) over (N, H, W) of the *global* batch, biased moments in
     float32 as compare_gan's arch_ops.standardize_batch (in bf16, E[x^2] - E[x]^2 cancels where
-    |mean| >> std). Under torchrun the moments are all-reduced (differentiably; nn.SyncBatchNorm
-    refuses CPU tensors); under XLA SPMD the program sees the global batch. No running averages:
+    |mean| >> std). Under torchrun the moments are all-reduced (all_processes_sum); under XLA
+    SPMD the program sees the global batch. No running averages:
     eval mode uses the standing statistics (arch_ops._accumulated_moments_for_inference)."""
 
     def __init__(self, num_features: int, eps: float):
@@ -227,8 +237,7 @@ class BatchStandardize(nn.Module):
         if self.training or self.accumulate:
             moments = torch.stack([x32.mean((0, 2, 3)), x32.square().mean((0, 2, 3))])  # (2, C)
             if train:   # many processes: moments of the global batch
-                from torch.distributed.nn.functional import all_reduce   # differentiable
-                moments = all_reduce(moments) / torch.distributed.get_world_size()
+                moments = all_processes_sum(moments) / torch.distributed.get_world_size()
             mean, var = moments[0], moments[1] - moments[0].square()
         if self.accumulate:   # add this batch, then normalise with the averages so far
             self.accu_mean += mean
@@ -484,18 +493,21 @@ def rotation_loss(rot_logits, rot_labels):
 
 
 def class_loss(cls_logits, y):
-    """CE_cls over the labeled rows only (y >= 0), averaged over them; 0 when none is labeled.
-
-    tf.losses' SUM_BY_NONZERO_WEIGHTS: sum(w_i CE_i) / #(w_i != 0), with w_i = has_label.
-    """
+    """CE_cls over the labeled rows only (y >= 0), averaged over them; 0 when none is labeled:
+    sum(w_i CE_i) / #(w_i != 0), w_i = has_label, both sums over every process (all-reduced).
+    NOTE (deviation): compare_gan's tf.losses.softmax_cross_entropy(weights=is_label_available)
+    takes that mean per TPU core (its 16 images), CrossShardOptimizer the mean over the cores: a
+    core without a labeled image adds 0, so at 10% labels its loss weighs 1 - 0.9^16 = 0.81 of
+    ours, and depends on the number of cores; ours not on the number of processes."""
     has_label = (y >= 0).float()
     ce = F.cross_entropy(cls_logits.float(), y.clamp(min=0), reduction='none')
-    return (ce * has_label).sum() / has_label.sum().clamp(min=1)
+    total = all_processes_sum(torch.stack([(ce * has_label).sum(), has_label.sum()]))
+    return total[0] / total[1].clamp(min=1)
 
 
 def mix_labels(y, cls_logits):
     """y_used = y where the label is known, else argmax of the classifier head
-    (paper Sec. 3.2; compare_gan S3GAN.discriminator, use_predictor).
+    (paper Sec. 3.2; compare_gan S3GAN.discriminator_with_additonal_heads, use_predictor).
 
     Example: y = [3, -1, 0, -1], argmax cls_logits = [1, 2, 2, 5] -> y_used = [3, 2, 0, 5].
     The argmax is an integer, so no gradient flows from the projection into the classifier
@@ -652,6 +664,16 @@ def resize_tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.permute(2, 0, 1)
 
 
+def crop_and_resize(x: np.ndarray, resolution: int, augment: bool, seed: int, pos=None):
+    """(H, W, 3) uint8 -> (3, R, R) in [0, 1]: random_square_crop (given a position in the stream
+    of samples, drawn from (seed, position), not from worker state), then resize_tf1_bilinear of
+    the float crop (cropped before the conversion to float: fewer pixels to convert)."""
+    gen = None if pos is None else torch.Generator().manual_seed(
+        int(np.random.SeedSequence((seed, pos)).generate_state(1, np.uint64)[0]))
+    left, top, right, bottom = random_square_crop(x.shape[1], x.shape[0], augment, gen)
+    return resize_tf1_bilinear(_to_tensor(x[top:bottom, left:right]), resolution)
+
+
 class FolderDataset(Dataset):
     """One subfolder per class (ImageNet's layout); any size or mode; no flip (datasets.py)."""
 
@@ -672,10 +694,8 @@ class FolderDataset(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):   # i, or (i, position): then the crop is a pure function of
-        i, pos = i if isinstance(i, tuple) else (i, None)   # (seed, position), not worker state
-        gen = None if pos is None else torch.Generator().manual_seed(
-            int(np.random.SeedSequence((self.seed, pos)).generate_state(1, np.uint64)[0]))
+    def __getitem__(self, i):   # i, or (i, position in the stream: crop_and_resize)
+        i, pos = i if isinstance(i, tuple) else (i, None)
         for j in range(i, i + len(self.files)):    # with skip_bad: the next readable file
             path = self.files[j % len(self.files)]
             try:
@@ -686,47 +706,46 @@ class FolderDataset(Dataset):
                     raise BadImageError(f'cannot read image {path}: {e}') from None
                 warnings.warn(f'skipping unreadable image {path}: {e}')
                 continue
-            left, top, right, bottom = random_square_crop(img.width, img.height, self.augment, gen)
-            x = _to_tensor(np.array(img)[top:bottom, left:right])         # float, then resize
-            x = resize_tf1_bilinear(x, self.resolution)
+            x = crop_and_resize(np.array(img), self.resolution, self.augment, self.seed,
+                                pos)
             return x, int(self.labels[j % len(self.files)])
         raise BadImageError(f'--data: no readable image in {len(self.files)} files')
 
 
 class NpzDataset(Dataset):
-    """`x` uint8 (N, H, W, 3) and optional `y` int (N,) in one .npz file."""
+    """`x` uint8 (N, H, W, 3), optional `y` int (N,); other sizes are cropped as folder images."""
 
-    def __init__(self, path: str, resolution: int):
+    def __init__(self, path: str, resolution: int, augment: bool, seed: int = 0):
         with np.load(path) as f:
             x, y = f['x'] if 'x' in f else None, f['y'].astype(np.int64) if 'y' in f else None
         if x is None or x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
             raise ValueError(f'--data {path}: expected an array x, uint8 (N, H, W, 3)')
         if y is not None and y.shape != (len(x),):
             raise ValueError(f'--data {path}: y has shape {y.shape}, expected ({len(x)},)')
-        self.x = torch.from_numpy(x).permute(0, 3, 1, 2)               # (N, 3, H, W) uint8
+        self.x = x                                                      # (N, H, W, 3) uint8
         self.labels = y if y is not None else np.full(len(x), -1, np.int64)
         self.num_classes = int(self.labels.max()) + 1 if y is not None else 0
-        self.resolution = resolution
+        self.resolution, self.augment, self.seed = resolution, augment, seed
 
     def __len__(self):
         return len(self.x)
 
-    def __getitem__(self, i):
-        x = self.x[i].float() / 255                                     # (3, H, W) in [0, 1]
-        if x.shape[1:] != (self.resolution, self.resolution):    # as folder images (eval)
-            left, top, right, bottom = random_square_crop(x.shape[2], x.shape[1], False)
-            x = resize_tf1_bilinear(x[:, top:bottom, left:right], self.resolution)
-        return x, int(self.labels[i])
+    def __getitem__(self, i):   # i, or (i, position) as FolderDataset
+        i, pos = i if isinstance(i, tuple) else (i, None)
+        x = self.x[i]
+        if x.shape[:2] == (self.resolution, self.resolution):
+            return _to_tensor(x), int(self.labels[i])
+        return crop_and_resize(x, self.resolution, self.augment, self.seed, pos), int(self.labels[i])
 
 
 def make_dataset(cfg: Config, augment: bool = True) -> Dataset:
-    """The data set named by cfg.data; `augment=False` gives the central crop of folder images."""
+    """The data set named by cfg.data; `augment=False`: central crops, not random ones."""
     if cfg.data == 'shapes':
         return ShapesDataset(cfg.num_images, cfg.resolution, cfg.seed)
     if os.path.isdir(cfg.data):
         return FolderDataset(cfg.data, cfg.resolution, augment, cfg.skip_bad_images, cfg.seed)
     if cfg.data.endswith('.npz') and os.path.isfile(cfg.data):
-        return NpzDataset(cfg.data, cfg.resolution)
+        return NpzDataset(cfg.data, cfg.resolution, augment, cfg.seed)
     raise ValueError(f'--data {cfg.data}: not "shapes", an image folder or an existing .npz file')
 
 
@@ -759,7 +778,9 @@ def load_labels(path: str, provenance: Optional[dict] = None) -> tuple:
     """-> (labels int64 (N,), labeled bool (N,), accuracy or None, provenance dict); refused
     when the file was made with other settings than `provenance` (label_provenance)."""
     with np.load(path) as f:
-        acc, made = float(f['accuracy']), json.loads(str(f.get('provenance', '{}')))
+        if 'labeled' not in f or f.get('labels', np.zeros(0, bool)).dtype.kind not in 'iu':
+            raise ValueError(f'{path}: expected integer labels and bool labeled, one per image')
+        acc, made = float(f.get('accuracy', np.nan)), json.loads(str(f.get('provenance', '{}')))
         refuse_changes(path, made, provenance or {}, 'remove it (the labels are made again) or '
                        'pick another --out')
         return (f['labels'].astype(np.int64), f['labeled'].astype(bool),
@@ -767,14 +788,16 @@ def load_labels(path: str, provenance: Optional[dict] = None) -> tuple:
 
 
 def label_provenance(cfg: Config, ds) -> dict:
-    """What labels.npz depends on, as given: reusing it with any of these changed is refused.
-    The methods of a pair (s2gan and s3gan, ...) make the same labels."""
+    """What labels.npz depends on: reusing it with any of these changed is refused. The methods
+    of a pair (s2gan and s3gan, ...) make the same labels."""
     kind = {'s3gan': 's2gan', 'clustering-ss': 'clustering', 's3gan-co': 's2gan-co'}.get(
         cfg.method, cfg.method)
-    stage = ('resolution', 'pretrain_steps', 'pretrain_batch_size', 'pretrain_lr', 'clusters')
-    return dict(method=kind, data=cfg.data, images=len(ds), classes=ds.num_classes, **{
-        k: getattr(cfg, k) for k in ('seed', 'labeled_fraction') + (stage if kind in (
-            's2gan', 'clustering') else ())})
+    stage = dict(zip(('pretrain_steps', 'pretrain_batch_size', 'pretrain_lr'), label_stage(cfg)),
+                 resolution=cfg.resolution, clusters=cfg.clusters)   # their values in effect
+    return dict(method=kind, data=cfg.data, images=len(ds), classes=ds.num_classes,
+                seed=cfg.seed, labeled_fraction=cfg.labeled_fraction,
+                **(stage if kind in ('s2gan', 'clustering') and not cfg.labels else {}),
+                **({'labels': cfg.labels} if cfg.labels else {}))
 
 
 def refuse_changes(path: str, old: dict, new: dict, what_to_do: str):
@@ -786,12 +809,15 @@ def refuse_changes(path: str, old: dict, new: dict, what_to_do: str):
 
 # --- Rotation pretraining and label inference (paper Sec. 3.1; not in the official code) ----------
 
-def label_stage_defaults(resolution: int) -> tuple:
-    """(pretrain steps, ResNet widths): a stride-2 stem, then one stride-2 block per halving
-    down to 4x4. NOTE (deviation): the paper used a ResNet-50 at 128x128; ours is a small
-    BatchNorm ResNet, so that the 32x32 demo's label stage takes a minute on a CPU."""
-    widths = tuple(min(32 * 2 ** i, 512) for i in range(int(math.log2(resolution)) - 2))
-    return {32: 800, 64: 4000, 128: 20000}.get(resolution, 40000), widths
+def label_stage(cfg: Config) -> tuple:
+    """(steps, batch, lr) of the label stage: cfg's, or where 0 by resolution. At 128 and up S4L's
+    (google-research/s4l config/s4l_rotation.sh): 256 labeled and 256 other images a step, each
+    in 4 rotations (batch 1,024 a stream), lr 0.03, 200 epochs of ImageNet's 10% (128,000 / 256
+    = 500 steps). Below, ours for the small net: 800 steps at 32, 4,000 at 64, batch 128, lr 0.1."""
+    small = cfg.resolution < 128
+    return (cfg.pretrain_steps or ({32: 800, 64: 4000}[cfg.resolution] if small else 100000),
+            cfg.pretrain_batch_size or (128 if small else 1024),
+            cfg.pretrain_lr or (0.1 if small else 0.03))
 
 
 class ResBlock(nn.Module):
@@ -867,37 +893,44 @@ class ResNet50(FeatureNet):
 
 
 def feature_net(resolution: int, num_classes: int) -> FeatureNet:
-    """The label stage's network for a resolution: the paper's ResNet-50 at 128x128 and up, the
-    small ResNet of label_stage_defaults below (fast enough for the CPU demo)."""
+    """The label stage's network for a resolution: the paper's ResNet-50 at 128x128 and up.
+    NOTE (deviation): below, a small ResNet (a stride-2 stem, then a stride-2 block per halving
+    down to 4x4), so that the 32x32 demo's label stage takes a minute on a CPU."""
     if resolution >= 128:
         return ResNet50(num_classes)
-    return FeatureNet(label_stage_defaults(resolution)[1], num_classes)
+    return FeatureNet(tuple(min(32 * 2 ** i, 512) for i in range(int(math.log2(resolution)) - 2)),
+                      num_classes)
 
 
 def _endless(ds: Dataset, batch_size: int, cfg: Config):
     """Shuffled batches forever (a new order each pass), seeded from cfg.seed."""
     loader = DataLoader(ds, min(batch_size, len(ds)), shuffle=True, drop_last=True,
                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(cfg.seed),
+                        worker_init_fn=ignore_stop_signals)
     while True:
         yield from loader
 
 
 def pretrain(cfg: Config, ds: Dataset, labeled: np.ndarray, num_classes: int, steps: int,
-             widths: tuple, device) -> FeatureNet:
+             device) -> FeatureNet:
     """Rotation self-supervision on all images (Gidaris et al. 2018), plus with num_classes > 0
     a linear classifier on the labeled ones: S4L-Rotation (Zhai et al. 2019),
-    L = L_rot(all images, 4 rotations each) + L_CE(labeled images, upright)."""
-    net = FeatureNet(widths, num_classes).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.pretrain_lr, momentum=0.9, nesterov=True,
-                          weight_decay=5e-4)
-    warmup = max(1, steps // 20)                  # a short linear warm-up, then cosine to 0
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    # pretrain_batch_size counts rotated images: B/4 images in 4 rotations (and for S4L as many
-    # labeled ones, whose upright copies also get the class loss; with every image labeled,
-    # that stream alone: the other would repeat it)
-    n, every = max(1, cfg.pretrain_batch_size // NUM_ROTATIONS), num_classes and labeled.all()
+    L = L_rot(all images, 4 rotations each) + L_CE(labeled images, upright). NOTE (deviation):
+    S4L's class loss also sees the rotated copies; the GAN's images are upright."""
+    net, (_, batch, lr), paper = feature_net(cfg.resolution, num_classes).to(device), \
+        label_stage(cfg), cfg.resolution >= 128
+    # At 128 and up S4L's SGD: momentum 0.9, weight decay 1e-3 (NOTE (deviation): S4L's is on the
+    # kernels only), a linear warm-up over 5 of 200 epochs, x0.1 at 140, 160, 180. Below, ours.
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=not paper,
+                          weight_decay=1e-3 if paper else 5e-4)
+    warmup = max(1, steps // (40 if paper else 20))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * (
+        0.1 ** sum(s >= steps * e // 200 for e in (140, 160, 180)) if paper
+        else 0.5 * (1 + math.cos(math.pi * s / steps))))
+    # batch counts rotated images: B/4 images in 4 rotations (for S4L as many labeled ones, whose
+    # upright copies get the class loss; every image labeled: that stream alone, not twice)
+    n, every = max(1, batch // NUM_ROTATIONS), num_classes and labeled.all()
     images = None if every else _endless(ds, n, cfg)
     labeled_images = _endless(torch.utils.data.Subset(ds, np.flatnonzero(labeled)), n, cfg)
     t0, log_every = time.time(), max(1, steps // 10)
@@ -996,13 +1029,13 @@ def infer_labels(cfg: Config) -> InferredLabels:
     device = pick_device(cfg.device)
     cfg = dataclasses.replace(cfg, num_workers=loader_workers(cfg, device))
     torch.manual_seed(cfg.seed)
-    steps, widths = label_stage_defaults(cfg.resolution)
-    steps, num_classes = cfg.pretrain_steps or steps, ds.num_classes if s4l else 0
+    steps, num_classes = label_stage(cfg)[0], ds.num_classes if s4l else 0
     print(f'label stage: {cfg.method} on {len(ds)} images ({labeled.sum()} labeled), '
           f'{steps} steps on {device}', flush=True)
-    net = pretrain(cfg, ds, labeled, num_classes, steps, widths, device).eval()
+    net = pretrain(cfg, ds, labeled, num_classes, steps, device).eval()
     with torch.no_grad():        # features in eval mode: independent of the batch
-        loader = DataLoader(make_dataset(cfg, augment=False), 256, num_workers=cfg.num_workers)
+        loader = DataLoader(make_dataset(cfg, augment=False), 256, num_workers=cfg.num_workers,
+                            worker_init_fn=ignore_stop_signals)
         h = torch.cat([net(x.to(device)) for x, _ in synced(loader, device)])   # (N, C)
     if s4l:
         labels = np.where(labeled, true, net.cls_head(h).argmax(1).cpu().numpy())
@@ -1014,8 +1047,8 @@ def infer_labels(cfg: Config) -> InferredLabels:
         accuracy = (float((labels[known] == true[known]).mean()) if s4l
                     else cluster_accuracy(labels[known], true[known]))
         print(f'label accuracy on {known.sum()} unlabeled images: {accuracy:.4f}')
-    save_checkpoint(os.path.join(cfg.out, 'pretrain.pt'),
-                    {'widths': list(widths), 'num_classes': num_classes, 'net': net.state_dict()})
+    save_checkpoint(os.path.join(cfg.out, 'pretrain.pt'), dict(    # what feature_net rebuilds
+        resolution=cfg.resolution, num_classes=num_classes, net=net.state_dict()))
     save_labels(path, labels, labeled, accuracy, provenance)
     return InferredLabels(labels.astype(np.int64), labeled, accuracy)
 
@@ -1325,11 +1358,14 @@ def method_labels(cfg: Config, dataset, rt: Runtime) -> InferredLabels:
     if cfg.method == 'biggan':
         return InferredLabels(y, np.ones(len(y), bool), None)
     path, provenance = os.path.join(cfg.out, 'labels.npz'), label_provenance(cfg, dataset)
-    if uses_classifier(cfg.method):                  # s2gan-co, s3gan-co: the true k% only
-        if rt.is_main and not os.path.exists(path):
-            labeled = select_labeled(y, cfg.labeled_fraction, cfg.seed)
-            save_labels(path, np.where(labeled, y, -1), labeled, None, provenance)
-    elif rt.is_main:                                 # s2gan, s3gan, clustering(-ss)
+    co = uses_classifier(cfg.method)                 # s2gan-co, s3gan-co: -1 where not labeled
+    if rt.is_main and (cfg.labels or co) and not os.path.exists(path):   # labels made elsewhere
+        labels, labeled = (load_labels(cfg.labels)[:2] if cfg.labels else   # (checked) or the
+                           (y, select_labeled(y, cfg.labeled_fraction, cfg.seed)))   # true k%
+        if len(labels) != len(y):
+            raise ValueError(f'--labels {cfg.labels}: {len(labels)} labels for {len(y)} images')
+        save_labels(path, np.where(labeled | (not co), labels, -1), labeled, None, provenance)
+    elif rt.is_main and not (cfg.labels or co):      # s2gan, s3gan, clustering(-ss)
         infer_labels(cfg)
     rt.barrier()
     return InferredLabels(*load_labels(path, provenance)[:3])
@@ -1366,10 +1402,21 @@ def data_report(cfg: Config, dataset, labels: InferredLabels, show: bool) -> str
 
 
 def save_checkpoint(path: str, state: dict):
-    """torch.save to a temporary file, then an atomic rename: a kill never leaves half a file."""
+    """torch.save to a temporary file, then an atomic rename: a kill never leaves half a file;
+    a failed write (a full disk) leaves the old file, no temporary one, and a one-line OSError."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(to_cpu(state), path + '.tmp')
-    os.replace(path + '.tmp', path)
+    try:
+        with open(path + '.tmp', 'wb') as fh:   # a Python file: a failed write raises an OSError
+            torch.save(to_cpu(state), fh)       # (or torch's RuntimeError with it as its context)
+        os.replace(path + '.tmp', path)
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(f'cannot write {path}: {cause}') from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + '.tmp')
 
 
 class TrainingDiverged(RuntimeError):
@@ -1391,8 +1438,9 @@ def build_training(cfg: Config, rt: Runtime):
                                                                         cfg.lr_d, cfg)
 
 
-class TrainingInterrupted(RuntimeError):
-    """args (message, signal): SIGTERM or SIGINT came, the step was finished, ckpt.pt written."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """args (message, signal): SIGTERM or SIGINT came (in training: the step was finished and
+    ckpt.pt written). A KeyboardInterrupt, as Ctrl-C's: no `except Exception` swallows it."""
 
 
 @contextlib.contextmanager
@@ -1409,8 +1457,21 @@ def stop_signals():
         restore()
 
 
-def ignore_stop_signals(worker_id: int):   # DataLoader workers: the main process ends them
-    signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals(worker_id: int):
+    """DataLoader workers leave SIGINT and SIGTERM sent to the process group (Ctrl-C, a batch
+    scheduler) to the main process, which finishes its step; the parent's own SIGTERM (its exit:
+    terminate()) or its death ends a worker at once (deaf to both, they held the exit forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, 'sigtimedwait'):                        # not on macOS: SIGTERM ends it
+        parent = os.getppid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # taken by the thread below
+
+        def obey_parent():   # and once a second: is the parent alive?
+            while getattr(signal.sigtimedwait({signal.SIGTERM}, 1), 'si_pid', 0) != parent \
+                    and os.getppid() == parent:
+                pass
+            os._exit(0)
+        threading.Thread(target=obey_parent, daemon=True).start()
 
 
 # config.json fields a resume may change: not in the step's math (device and precision change
@@ -1602,15 +1663,15 @@ def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
 def load_judge(cfg: Config, device, steps: int = 0) -> FeatureNet:
     """The demo's judge (ours): a FeatureNet of its own trained with S4L on all true labels
     (`steps`, 0: half the label stage's default), once per resolution, cached in cfg.out."""
-    (default_steps, widths), ds = label_stage_defaults(cfg.resolution), make_dataset(cfg)
+    default_steps, ds = label_stage(Config(resolution=cfg.resolution))[0], make_dataset(cfg)
     path = os.path.join(cfg.out, f'judge_{cfg.resolution}.pt')
     if not os.path.exists(path):
         print(f'judge: a classifier on all {len(ds)} true labels', flush=True)
         torch.manual_seed(cfg.seed + 1)
         save_checkpoint(path, pretrain(cfg, ds, np.ones(len(ds), bool), ds.num_classes,
-                                       steps or default_steps // 2, widths, torch.device(device))
+                                       steps or default_steps // 2, torch.device(device))
                         .state_dict())
-    net = FeatureNet(widths, ds.num_classes)
+    net = feature_net(cfg.resolution, ds.num_classes)
     net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
     return net.to(device).eval()
 
@@ -1787,7 +1848,7 @@ def import_tf(path: str, out: str):
 # steps) stay near chance after 1,500 steps, 5e-4 reaches 0.64, 1e-3 0.85, 2e-3 is unstable; the
 # narrower block makes a step 20% cheaper at equal accuracy; batch 16 or 24 and 1 D step per G
 # step learn slower. 500 label-stage steps (800 by default at 32), 20 batches of standing stats
-# (the paper: 3,200). For speed only: channels_last, and the images drawn in this process.
+# (eval_gan_lib.py: 3,200). For speed only: channels_last, and the images drawn in this process.
 DEMO = dict(method='s3gan', data='shapes', resolution=32, ch=16, g_mult=(4, 4, 4, 2),
             batch_size=32, steps=1200, lr_g=1e-3, lr_d=1e-3, ema_start=0, ema_decay=0.99,
             pretrain_steps=500, num_images=5000, labeled_fraction=0.1, out='runs/demo',
@@ -1844,6 +1905,10 @@ def main(argv=None):
     p.add_argument('path', help='a checkpoint prefix or a module folder (variables/variables.index)')
     p.add_argument('--out', required=True, help='the run folder to write')
     args = parser.parse_args(argv)
+
+    def interrupt(signum, frame):   # a stop signal ends any stage as an error does
+        raise TrainingInterrupted(f'stopped by {signal.Signals(signum).name}', signum)
+    handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if args.command == 'import-tf':
             return import_tf(args.path, args.out)
@@ -1866,6 +1931,7 @@ def main(argv=None):
         print(f's3gan.py: error: {e}', file=sys.stderr)
         sys.exit(2)
     finally:
+        [signal.signal(s, h) for s, h in handlers.items()]
         if torch.distributed.is_initialized():   # else gloo's threads abort the exit
             torch.distributed.destroy_process_group()
 

@@ -7,8 +7,12 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -478,7 +482,7 @@ def test_labels_short_s2gan_run_reaches_stated_accuracy(short_run):
 def test_labels_rotation_pretraining_predicts_rotations(short_run):
     cfg, _ = short_run
     state = torch.load(os.path.join(cfg.out, 'pretrain.pt'), weights_only=True)
-    net = FeatureNet(tuple(state['widths']), state['num_classes'])
+    net = s3gan.feature_net(state['resolution'], state['num_classes'])   # what it records
     net.load_state_dict(state['net'])
     net.eval()
     x = torch.stack([make_dataset(Config(num_images=1200, resolution=32))[i][0]
@@ -893,7 +897,14 @@ rows = slice(rt.rank * 8 // rt.world, (rt.rank + 1) * 8 // rt.world)
 x = G_train(z[rows], y[rows])                  # batch norms see the moments of all 8 images
 loss = (x - 0.3).square().mean()               # DDP averages: the mean over the global batch
 loss.backward()
-torch.save(dict(x=x.detach(), grads=[p.grad for p in G.parameters()]),
+_, D = s3gan.build_models(s3gan.Config(method='s3gan-co', resolution=32, ch=4, num_classes=5))
+x_real, y_real = torch.rand(8, 3, 32, 32, generator=g), torch.tensor([0, -1, -1, -1, 1, 2, -1, 3])
+D_train = rt.wrap(D)                           # kept: its hooks average D's gradients
+out = D_train(x_real[rows], y_real[rows])      # 1 labeled image in one half, 3 in the other
+loss_cls = s3gan.class_loss(out.cls_logits, y_real[rows])
+(out.logits.mean() + out.rot_logits.mean() + loss_cls).backward()
+torch.save(dict(x=x.detach(), grads=[p.grad for p in G.parameters()], loss_cls=loss_cls.detach(),
+                grads_D=[p.grad for p in D.parameters()]),
            os.path.join({out!r}, f'rank{{rt.rank}}_of{{rt.world}}.pt'))
 if torch.distributed.is_initialized():   # both ranks done before gloo's teardown
     torch.distributed.barrier()
@@ -913,6 +924,11 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path):
     r0, r1 = torch.load(tmp_path / 'rank0_of2.pt'), torch.load(tmp_path / 'rank1_of2.pt')
     assert torch.allclose(torch.cat([r0['x'], r1['x']]), one['x'], atol=1e-5)   # global moments
     for g1, g0, g_1 in zip(one['grads'], r0['grads'], r1['grads']):
+        assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4) and torch.equal(g0, g_1)
+    # s3gan-co's D: the class loss is the mean over the 4 labeled images of both processes
+    assert torch.allclose(r0['loss_cls'], one['loss_cls']) and torch.equal(r0['loss_cls'],
+                                                                           r1['loss_cls'])
+    for g1, g0, g_1 in zip(one['grads_D'], r0['grads_D'], r1['grads_D']):
         assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4) and torch.equal(g0, g_1)
 
 
@@ -1781,3 +1797,244 @@ def test_import_tf_run_folder_samples_and_resumes_training(tmp_path, monkeypatch
                         batch_size=16, out=str(run), num_workers=0, log_every=1, ckpt_every=1,
                         sample_every=100, standing_batches=2, device='cpu'))
     assert s3gan.train(cfg)['step'] == 1            # resumed at step 0 from the imported weights
+
+
+# --- issue 20: every failure ends the run promptly, leaves nothing behind; the paper's setup ----
+# The fault-injection matrix (docs/robustness.md): each case a real `s3gan.py train` with 2 loader
+# workers on folder data, tiny nets (ch 4, 32x32, biggan: no label stage unless the case is it).
+
+FAULT_DRIVER = '''
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import s3gan
+fault, calls = sys.argv.pop(1), []   # grid, ckpt: a SIGTERM to itself as the first one starts
+
+
+def before(f):                       # slow ckpt: from the second checkpoint on, 2 s to write
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if fault == 'slow ckpt' and len(calls) > 1:
+            __import__('time').sleep(2)
+        elif fault != 'slow ckpt' and len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return f(*args, **kwargs)
+    return wrapped
+
+
+if fault == 'grid':
+    s3gan.standing_statistics = before(s3gan.standing_statistics)
+else:
+    torch.save = before(torch.save)
+sys.argv[0] = 's3gan.py'
+s3gan.main()
+'''
+
+
+def _alive(pid):   # a zombie is no process left
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[1][0] != 'Z'
+    except OSError:
+        return False
+
+
+def _children(pid):
+    try:
+        return [int(p) for p in Path(f'/proc/{pid}/task/{pid}/children').read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.fixture(scope='module')
+def fault_setup(tmp_path_factory):
+    """40 images of 2 classes and several sizes (random crops); the unbroken run of 20 steps
+    that resumed ones must equal."""
+    root = tmp_path_factory.mktemp('faults')
+    data = tiny_folder(root / 'data', n=40, classes=2)
+    files = s3gan.FolderDataset(data, 32, True, False).files
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()  # epoch 0
+
+    def command(out, steps=20, *extra):
+        return ([sys.executable, str(ROOT / 's3gan.py'), 'train', '--data', data, '--method',
+                 'biggan', '--resolution', '32', '--ch', '4', '--batch-size', '8', '--steps',
+                 str(steps), '--log-every', '1', '--sample-every', '1000', '--ckpt-every', '1',
+                 '--standing-batches', '2', '--num-workers', '2', '--device', 'cpu', '--out',
+                 str(out), *extra])
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run(command(root / 'unbroken'), capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dict(root=root, data=data, files=files, perm=perm, command=command, env=env)
+
+
+FAULTS = {   # case: (what to wait for in stdout, what to do then, extra flags, exit code)
+    'corrupt image, first batch': ('', None, (), 2),
+    'corrupt image, met mid-run': ('', None, (), 2),
+    'image deleted mid-run': ('step 1/', 'delete', (), 2),
+    'one worker SIGKILLed': ('step 1/', 'kill worker', (), 1),
+    'SIGTERM in the label stage': ('pretrain ', 'SIGTERM', (
+        '--method', 's3gan', '--pretrain-steps', '200', '--pretrain-batch-size', '8'), 143),
+    'SIGTERM in training': ('step 1/', 'SIGTERM', (), 143),
+    'SIGTERM in the sample grid': ('', 'grid', ('--sample-every', '2'), 143),
+    'SIGTERM while ckpt.pt is written': ('', 'ckpt', (), 143),
+    'SIGINT twice, writing ckpt.pt': ('step 2/', 'slow ckpt', (), 130),
+    'main process SIGKILLed': ('step 1/', 'SIGKILL', (), -9),
+    'disk full writing ckpt.pt': ('', 'ulimit -f', (), 2),
+}
+
+
+def _watch_children(p):
+    """Every child process `p` has had, collected in the background until p has exited."""
+    seen = set()
+
+    def watch():
+        while p.poll() is None:
+            seen.update(_children(p.pid))
+            time.sleep(0.02)
+    threading.Thread(target=watch, daemon=True).start()
+    return seen
+
+
+@pytest.mark.skipif(not Path('/proc/self/task').exists(), reason='lists processes in /proc')
+@pytest.mark.parametrize('case', FAULTS)
+def test_fault_ends_the_run_promptly_and_leaves_nothing_behind(fault_setup, case, tmp_path):
+    wait_for, act, extra, code = FAULTS[case]
+    s, out, data = fault_setup, tmp_path / 'run', tmp_path / 'data'
+    shutil.copytree(s['data'], data)                  # the fixture's images stay whole
+    run = lambda steps: [str(data) if a == s['data'] else a    # noqa: E731 (on the copy)
+                         for a in s['command'](out, steps, *extra)]
+    command, preexec = run(20), None
+    image = lambda pos: s['files'][s['perm'][pos]].replace(s['data'], str(data))  # noqa: E731
+    if case.startswith('corrupt'):   # at stream position 0 (step 1), or 33 (step 3 of 20)
+        Path(image(0 if 'first' in case else 33)).write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
+    if act in ('grid', 'ckpt', 'slow ckpt'):
+        command[:2] = [sys.executable, '-c', FAULT_DRIVER.format(root=str(ROOT)), act]
+    if act == 'ulimit -f':           # a first checkpoint, then a disk that takes 200 kB a file
+        r = subprocess.run(run(2), capture_output=True, text=True, env=s['env'])
+        assert r.returncode == 0, r.stderr[-3000:]
+        resource = __import__('resource')
+        preexec = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000,) * 2)  # noqa: E731
+    t = time.time()
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=s['env'], preexec_fn=preexec)
+    kids, lines = _watch_children(p), []
+    for line in p.stdout if wait_for else ():
+        lines.append(line)
+        if line.startswith(wait_for):
+            break
+    if wait_for:                     # the fault comes now; the others at the start
+        t = time.time()
+    if act == 'delete':
+        os.remove(image(-1))
+    elif act == 'kill worker':
+        os.kill(min(kids), signal.SIGKILL)
+    elif act in ('SIGTERM', 'SIGKILL'):
+        os.kill(p.pid, getattr(signal, act))
+    elif act == 'slow ckpt':          # as step 2's checkpoint is being written
+        os.kill(p.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.kill(p.pid, signal.SIGINT)
+    rest, err = p.communicate(timeout=120)    # returns once the workers, too, closed the pipes
+    seconds = time.time() - t
+    time.sleep(0.5)
+    lines += rest.splitlines()
+    assert p.returncode == code, err[-3000:]
+    assert len(kids) >= 2 and not any(map(_alive, kids)), f'left alive: {kids}'
+    assert seconds < (10 if wait_for else 30), seconds
+    if code in (2, 130, 143):        # our one-line message, no traceback
+        assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err[-3000:]
+    if code == 2:
+        assert (f'cannot write {out}/ckpt.pt' if act == 'ulimit -f' else
+                f'cannot read image {data}/') in err, err
+    logged = [int(line.split()[1].split('/')[0]) for line in lines if line.startswith('step ')]
+    assert not (out / 'ckpt.pt.tmp').exists()
+    if not logged:                   # stopped before the first step: nothing written
+        assert case in ('corrupt image, first batch', 'SIGTERM in the label stage'), case
+        assert not (out / 'ckpt.pt').exists() and not (out / 'labels.npz').exists()
+        return
+    step = _ckpt_tensors(out / 'ckpt.pt')[0] if (out / 'ckpt.pt').exists() else None  # loads
+    assert step in (logged[-1], logged[-1] - 1) or step is None and code in (1, -9), step
+    if code in (2, 130, 143):        # the new one; the old one where its writing failed or stopped
+        assert step == logged[-1] - (act in ('ulimit -f', 'slow ckpt')), (step, logged)
+    if code in (130, 143) or act == 'ulimit -f':      # the same command resumes exactly
+        r = subprocess.run(run(20), capture_output=True, text=True, env=s['env'], timeout=300)
+        assert r.returncode == 0 and 'resuming from' in r.stdout, r.stderr[-3000:]
+        _, unbroken = _ckpt_tensors(s['root'] / 'unbroken' / 'ckpt.pt')
+        _, resumed = _ckpt_tensors(out / 'ckpt.pt')
+        assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+
+
+def test_spectral_norm_sigma_is_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = s3gan.SNLinear(64, 48)
+    layer.weight.data.mul_(1 + torch.rand(48, 64) / 7)    # digits a bf16 product would round off
+    u = layer.u.clone()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(torch.randn(2, 64))
+    layer.u.copy_(u)
+    layer(torch.randn(2, 64))                              # the same iteration in float32
+    sigma_fp32 = layer.sigma_w.clone()
+    layer.u.copy_(u)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(torch.randn(2, 64))
+    assert layer.sigma_w.dtype == torch.float32 and torch.equal(layer.sigma_w, sigma_fp32)
+
+
+def test_data_npz_images_larger_than_the_resolution_get_the_folder_random_crop(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'd.npz', x=img[None], y=np.zeros(1))
+    os.makedirs(tmp_path / 'f' / 'a')
+    Image.fromarray(img).save(tmp_path / 'f' / 'a' / '0.png')
+    npz, folder = (make_dataset(Config(data=str(tmp_path / p), resolution=32, seed=3))
+                   for p in ('d.npz', 'f'))
+    assert torch.equal(npz[(0, 7)][0], folder[(0, 7)][0])   # TF's crop, from (seed, position)
+    assert not torch.equal(npz[(0, 7)][0], npz[(0, 8)][0])
+    central = make_dataset(Config(data=str(tmp_path / 'd.npz'), resolution=32), augment=False)
+    assert torch.equal(central[0][0], make_dataset(Config(data=str(tmp_path / 'f'), resolution=32),
+                                                   augment=False)[0][0])
+
+
+def test_labels_file_made_elsewhere_is_checked_and_used(tmp_path, capsys):
+    cfg = train_cfg(tmp_path, method='s3gan', steps=1)        # 48 images of 3 classes
+    y = np.arange(48) % 3
+    made = np.where(np.arange(48) % 5 == 0, (y + 1) % 3, y)    # inferred elsewhere, some wrong
+    np.savez(tmp_path / 'mine.npz', labels=made, labeled=np.arange(48) % 4 == 0)
+    np.savez(tmp_path / 'short.npz', labels=made[:40], labeled=np.zeros(40, bool))
+    np.savez(tmp_path / 'nolabeled.npz', labels=made)
+    for name, message in (('short.npz', '40 labels for 48 images'),
+                          ('nolabeled.npz', 'expected integer labels and bool labeled')):
+        with pytest.raises(SystemExit):
+            s3gan.main(['train', '--labels', str(tmp_path / name), *_cli(cfg)])
+        err = capsys.readouterr().err
+        assert name in err and message in err and len(err.strip().splitlines()) == 1, err
+    s3gan.main(['train', '--labels', str(tmp_path / 'mine.npz'), *_cli(cfg)])
+    kept = load_labels(os.path.join(cfg.out, 'labels.npz'))
+    assert np.array_equal(kept[0], made) and not (Path(cfg.out) / 'pretrain.pt').exists()
+    with pytest.raises(ValueError, match='made with labels'):     # another file: refused
+        s3gan.train(dataclasses.replace(cfg, labels=str(tmp_path / 'short.npz'), steps=2))
+    co = dataclasses.replace(cfg, method='s3gan-co', out=str(tmp_path / 'co'),
+                             labels=str(tmp_path / 'mine.npz'))
+    s3gan.train(co)                                            # co-training: -1 where unlabeled
+    kept = load_labels(os.path.join(co.out, 'labels.npz'))[0]
+    assert np.array_equal(kept, np.where(np.arange(48) % 4 == 0, made, -1))
+
+
+def _cli(cfg):
+    return [f'--{k.replace("_", "-")}={v}' for k, v in dataclasses.asdict(cfg).items()
+            if v != getattr(Config(), k) and k not in ('g_mult', 'd_mult', 'z_dim', 'g_attn',
+                                                          'd_attn')]
+
+
+def test_labels_stage_at_128_is_the_resnet50_with_s4ls_schedule(tmp_path):
+    assert s3gan.label_stage(Config(resolution=128)) == (100000, 1024, 0.03)   # S4L's
+    assert s3gan.label_stage(Config(resolution=32)) == (800, 128, 0.1)         # the demo's net
+    cfg = Config(method='s2gan', data='shapes', num_images=20, resolution=128, labeled_fraction=0.5,
+                 pretrain_steps=1, pretrain_batch_size=8, num_workers=0, device='cpu',
+                 out=str(tmp_path))
+    torch.manual_seed(0)
+    result = infer_labels(cfg)                                 # one step, 2 + 2 images x 4
+    state = torch.load(tmp_path / 'pretrain.pt', weights_only=True)
+    net = s3gan.feature_net(state['resolution'], state['num_classes'])
+    net.load_state_dict(state['net'])
+    assert isinstance(net, s3gan.ResNet50) and state['num_classes'] == 10
+    assert result.labels.shape == (20,) and result.labeled.sum() == 10
+    assert load_labels(tmp_path / 'labels.npz')[3]['pretrain_batch_size'] == 8
