@@ -28,8 +28,9 @@ Paper -> code:
     training (D steps, E/G step, EMA) ...... train_step, train (s3gan.train's loop)
     Sec. 3.2 linear probe (avepool, BN+CReLU) encoder_features, linear_probe, probe
 
-Parameter counts (128x128, ch 96, one class, ResNet-50 E, MLPs 4 x 2048; the tests check them):
-G 70,300,228; E 45,399,408; D (F, H, J) 71,451,651.
+Parameter counts (128x128, ch 96, ResNet-50 E at 256, MLPs 4 x 2048; the tests check them):
+G 70,306,116 (BigGAN's with one class); E 40,777,520 (23,500,352 in ResNet-50);
+D 119,218,468 (F 86,446,370, H 12,836,864, J 19,931,136).
 """
 
 import copy
@@ -102,10 +103,11 @@ def global_batch_norms(net: nn.Module) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """`depth` ReLU layers of `width`, a skip connection around each after the first.
-    NOTE (choice): the paper gives no sizes we can confirm; residual MLPs keep deep ones
-    trainable, `linear` is SNLinear in D (spectral norm throughout, as BigGAN's D) and
-    nn.Linear in E (a classifier-style network with batch norm, no spectral norm)."""
+    """A linear map to `width`, then `depth - 1` pre-activation residual layers h + W relu(h).
+    NOTE (choice): the paper gives no sizes we can confirm. The identity path keeps every
+    gradient open: with ReLU after each layer instead, E's head died whole in our demo (every
+    unit of its first layer negative: E(x) stopped depending on x). `linear` is SNLinear in D
+    (spectral norm throughout, as BigGAN's D), nn.Linear in E (batch norm, no spectral norm)."""
 
     def __init__(self, in_dim: int, width: int, depth: int, linear=SNLinear):
         super().__init__()
@@ -113,9 +115,9 @@ class MLP(nn.Module):
                                     for i in range(depth))
 
     def forward(self, h):                                          # (B, in_dim) -> (B, width)
-        h = F.relu(self.layers[0](h))
+        h = self.layers[0](h)
         for layer in self.layers[1:]:
-            h = h + F.relu(layer(h))
+            h = h + layer(F.relu(h))
         return h
 
 
@@ -180,7 +182,8 @@ class JointDiscriminator(nn.Module):
 
 
 def build_models(cfg: BigBiGANConfig):
-    """(G, E, D) initialised: G and D orthogonal as BigGAN's (compare_gan), E PyTorch's defaults.
+    """(G, E, D) initialised: G and D orthogonal as BigGAN's (compare_gan); NOTE (choice): E
+    PyTorch's defaults (a classifier's ResNet, not BigGAN's).
     G is s3gan's Generator with one class, fed y = 0: its class embedding is one learned
     vector, the same for every z (the released G's constant, label-free class vector)."""
     G = s3gan.Generator(cfg.z_dim, 1, cfg.ch, cfg.g_mult, cfg.g_attn, cfg.embed_dim, cfg.bn_eps)
@@ -249,14 +252,16 @@ def train_step(models, opts, batches, cfg: BigBiGANConfig, rt: s3gan.Runtime, em
     opt_EG.step()
     D.requires_grad_(True)
     s3gan.ema_update(G_ema, G, ema_decay)
-    stats['sigma_e'] = sigma.detach().mean()     # E's mean sigma: a collapse to 0 shows here
+    stats['sigma_e'] = sigma.detach().mean()     # E's mean sigma, and the spread of mu over
+    stats['mu_spread'] = mu.detach().std(0).mean()   # images: 0 when E(x) ignores x
     return {k: v.detach().float() for k, v in stats.items()}
 
 
 def build_training(cfg: BigBiGANConfig, rt: s3gan.Runtime):
     """s3gan.train's build hook: (G, D, G_ema, opt_EG, opt_D, ('E', E)) on the device, the same
     initial weights in every process. E and G share one Adam, E's group at lr_g x lr_e_factor.
-    NOTE (choice): BigGAN's learning rates and Adam settings (compare_gan), unconfirmed."""
+    NOTE (choice): BigGAN's learning rates, Adam settings and G_ema (0.9999 from step 40k), and
+    s3gan's 250k steps (secondary sources quote 500k and 1M): the paper's are unconfirmed."""
     torch.manual_seed(cfg.seed)
     G, E, D = build_models(cfg)
     G_ema = copy.deepcopy(G).eval()
@@ -278,7 +283,9 @@ def encoder_data(cfg: s3gan.Config, resolution: int, augment: bool = True):
 
 
 def train(cfg: BigBiGANConfig):
-    """s3gan.train with BigBiGAN's data (at E's resolution), models and step."""
+    """s3gan.train with BigBiGAN's data (at E's resolution), models and step. NOTE (choice):
+    s3gan's augmentation (a square crop of 50-100% of the area, no flip), not the paper's
+    ResNet-style random-size crop and flip: the same images as S3GAN's for comparisons."""
     return s3gan.train(cfg, data=lambda c: encoder_data(c, encoder_resolution(c)),
                        build=build_training, step_fn=train_step)
 
