@@ -59,7 +59,7 @@ class BigBiGANConfig(s3gan.Config):
     high_res_e: bool = True            # E reads 2R x 2R, D its 2x2 average pool (Sec. 3.1, Table 1)
     unary: bool = True                 # the unary scores s_x and s_z (Sec. 2; Table 1 ablates them)
     mlp_width: int = 0                 # width of E's head, H and J (ours); 0: 2048 / 96 x ch
-    mlp_depth: int = 4                 # layers of each, skip connections around each (ours)
+    mlp_depth: int = 4                 # layers of each: a linear map, then residual ones (ours)
     probe_features: str = 'bn_crelu'   # linear probe input: avepool or bn_crelu (Sec. 3.2)
     probe_steps: int = 500             # full-batch Adam steps of the linear probe (ours)
 
