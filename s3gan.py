@@ -113,6 +113,7 @@ class Config:
     pretrain_batch_size: int = 0       # label-stage batch, rotated copies; 0: per resolution
     pretrain_lr: float = 0.0           # label-stage SGD learning rate; 0: per resolution
     clusters: int = 0                  # k-means K for the clustering methods; 0: num_classes
+    encoder: str = ''                  # a bigbigan.py run whose E gives the features; '': rotation
     # run
     device: str = 'auto'               # auto|cpu|cuda|xla (auto: cuda, else a TPU, else cpu)
     precision: str = 'fp32'            # fp32|bf16 (bf16 autocast on CUDA and XLA)
@@ -413,13 +414,15 @@ class Discriminator(nn.Module):
         self.rotation = SNLinear(widths[-1], 4) if rotation_head else None
         self.classifier = SNLinear(widths[-1], num_classes) if classifier_head else None
 
-    def forward(self, x, y):                                       # x (B, 3, R, R), y (B,) int
-        h = x
+    def features(self, x):                               # (B, 3, R, R) -> h (B, C), sum-pooled
         for i, block in enumerate(self.blocks, start=1):
-            h = block(h)
+            x = block(x)
             if i == self.attn_block:
-                h = self.attn(h)
-        h = F.relu(h).sum((2, 3))                                  # (B, C) sum-pooled
+                x = self.attn(x)
+        return F.relu(x).sum((2, 3))
+
+    def forward(self, x, y):                                       # x (B, 3, R, R), y (B,) int
+        h = self.features(x)                                       # (B, C)
         rot_logits = self.rotation(h) if self.rotation is not None else None
         cls_logits = self.classifier(h) if self.classifier is not None else None
         y_used = mix_labels(y, cls_logits) if cls_logits is not None else y
@@ -768,6 +771,7 @@ def select_labeled(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray
 def save_labels(path: str, labels, labeled, accuracy: Optional[float], provenance: dict):
     """labels.npz: `labels` int64 and `labeled` bool in dataset order, `accuracy` on the
     unlabeled images (NaN if unknown), what made them (JSON); written then renamed (atomic)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path + '.tmp.npz', labels=labels.astype(np.int64), labeled=labeled.astype(bool),
              accuracy=np.float64('nan' if accuracy is None else accuracy),
              provenance=json.dumps(provenance))
@@ -794,10 +798,10 @@ def label_provenance(cfg: Config, ds) -> dict:
         cfg.method, cfg.method)
     stage = dict(zip(('pretrain_steps', 'pretrain_batch_size', 'pretrain_lr'), label_stage(cfg)),
                  resolution=cfg.resolution, clusters=cfg.clusters)   # their values in effect
+    given = {k: getattr(cfg, k) for k in ('labels', 'encoder') if getattr(cfg, k)}
     return dict(method=kind, data=cfg.data, images=len(ds), classes=ds.num_classes,
                 seed=cfg.seed, labeled_fraction=cfg.labeled_fraction,
-                **(stage if kind in ('s2gan', 'clustering') and not cfg.labels else {}),
-                **({'labels': cfg.labels} if cfg.labels else {}))
+                **(stage if kind in ('s2gan', 'clustering') and not given else {}), **given)
 
 
 def refuse_changes(path: str, old: dict, new: dict, what_to_do: str):
@@ -1009,7 +1013,8 @@ def infer_labels(cfg: Config) -> InferredLabels:
 
     s2gan/s3gan: the S4L classifier's hard argmax labels for the unlabeled images, the true
     labels for the labeled k%. clustering(-ss): k-means on the rotation features, no labels used
-    (labeled all False); accuracy after matching clusters to classes."""
+    (labeled all False); accuracy after matching clusters to classes. cfg.encoder: the features
+    of a BigBiGAN run's E instead, a linear classifier on the labeled k% for s2gan/s3gan."""
     s4l = cfg.method in ('s2gan', 's3gan')
     if not s4l and cfg.method not in ('clustering', 'clustering-ss'):
         raise ValueError(f'--method {cfg.method}: label inference is not needed for this '
@@ -1031,14 +1036,23 @@ def infer_labels(cfg: Config) -> InferredLabels:
     torch.manual_seed(cfg.seed)
     steps, num_classes = label_stage(cfg)[0], ds.num_classes if s4l else 0
     print(f'label stage: {cfg.method} on {len(ds)} images ({labeled.sum()} labeled), '
-          f'{steps} steps on {device}', flush=True)
-    net = pretrain(cfg, ds, labeled, num_classes, steps, device).eval()
-    with torch.no_grad():        # features in eval mode: independent of the batch
+          f'{f"the E of {cfg.encoder}" if cfg.encoder else f"{steps} steps"} on {device}',
+          flush=True)
+    if cfg.encoder:   # BigBiGAN's encoder (Donahue & Simonyan 2019): no rotation pretraining
+        import bigbigan
+        h = bigbigan.encoder_features(cfg.encoder, cfg, device)
+        head = bigbigan.linear_probe(h[labeled], true[labeled], cfg.seed) if s4l else None
+    else:
+        net = pretrain(cfg, ds, labeled, num_classes, steps, device).eval()
         loader = DataLoader(make_dataset(cfg, augment=False), 256, num_workers=cfg.num_workers,
                             worker_init_fn=ignore_stop_signals)
-        h = torch.cat([net(x.to(device)) for x, _ in synced(loader, device)])   # (N, C)
+        with torch.no_grad():        # features in eval mode: independent of the batch
+            h = torch.cat([net(x.to(device)) for x, _ in synced(loader, device)])   # (N, C)
+        head = net.cls_head
+        save_checkpoint(os.path.join(cfg.out, 'pretrain.pt'), dict(   # what feature_net rebuilds
+            resolution=cfg.resolution, num_classes=num_classes, net=net.state_dict()))
     if s4l:
-        labels = np.where(labeled, true, net.cls_head(h).argmax(1).cpu().numpy())
+        labels = np.where(labeled, true, head(h).argmax(1).cpu().numpy())
     else:   # unit-length features: clusters by direction, as usual for self-supervised features
         k = cfg.clusters or ds.num_classes or cfg.num_classes
         labels = kmeans(F.normalize(h, dim=1), k, seed=cfg.seed)[0].cpu().numpy()
@@ -1047,8 +1061,6 @@ def infer_labels(cfg: Config) -> InferredLabels:
         accuracy = (float((labels[known] == true[known]).mean()) if s4l
                     else cluster_accuracy(labels[known], true[known]))
         print(f'label accuracy on {known.sum()} unlabeled images: {accuracy:.4f}')
-    save_checkpoint(os.path.join(cfg.out, 'pretrain.pt'), dict(    # what feature_net rebuilds
-        resolution=cfg.resolution, num_classes=num_classes, net=net.state_dict()))
     save_labels(path, labels, labeled, accuracy, provenance)
     return InferredLabels(labels.astype(np.int64), labeled, accuracy)
 
@@ -1481,11 +1493,14 @@ RESUMABLE = {'out', 'steps', 'device', 'precision', 'compile', 'channels_last', 
              'fid_samples', 'standing_batches', 'grid_standing_batches', 'skip_bad_images'}
 
 
-def train(cfg: Config):
+def train(cfg: Config, data=make_dataset, build=build_training, step_fn=train_step):
     """Train cfg.method for cfg.steps G steps in cfg.out, resuming from cfg.out/ckpt.pt.
-    SIGTERM or SIGINT: the step is finished, ckpt.pt written, TrainingInterrupted raised."""
+    SIGTERM or SIGINT: the step is finished, ckpt.pt written, TrainingInterrupted raised.
+    Hooks (bigbigan.py): data(cfg) gives the data set; build(cfg, rt) the five of build_training
+    and more (name, module) pairs, checkpointed by name and appended to step_fn's models with
+    their DDP wrappers; step_fn has train_step's signature."""
     rt = Runtime(cfg.device, cfg.precision)
-    dataset = make_dataset(cfg)
+    dataset = data(cfg)
     cfg = dataclasses.replace(with_data_classes(cfg, dataset),
                               num_workers=loader_workers(cfg, rt.device))
     local = cfg.batch_size // rt.world
@@ -1508,23 +1523,25 @@ def train(cfg: Config):
             with open(os.path.join(cfg.out, name), 'w') as fh:
                 fh.write(text + '\n')
 
-    G, D, G_ema, opt_G, opt_D = build_training(cfg, rt)
+    G, D, G_ema, opt_G, opt_D, *more = build(cfg, rt)
     step, best_fid = 0, math.inf
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        for key, obj in dict(G=G, G_ema=G_ema, D=D, opt_G=opt_G, opt_D=opt_D).items():
+        nets = dict(G=G, G_ema=G_ema, D=D, opt_G=opt_G, opt_D=opt_D, **dict(more))
+        for key, obj in nets.items():
             obj.load_state_dict(ckpt[key])
         step, best_fid = ckpt['step'], ckpt.get('best_fid', math.inf)
         rt.set_rng_state(ckpt['rng'][min(rt.rank, len(ckpt['rng']) - 1)])
         if rt.is_main:
             print(f'resuming from {ckpt_path} at step {step}')
-    models = (G, D, G_ema, rt.wrap(G), rt.wrap(D))
+    models = (G, D, G_ema, rt.wrap(G), rt.wrap(D)) + sum(((m, rt.wrap(m)) for _, m in more), ())
     batches = real_batches(TrainView(dataset, labels.labels), cfg, rt, step * cfg.disc_iters)
     K = G.embed_y.num_embeddings
     rows = torch.linspace(0, K - 1, min(K, 10)).long()             # sample grid: one row a class
     gen = torch.Generator().manual_seed(cfg.seed)
     grid_z, grid_y = torch.randn(len(rows) * 8, cfg.z_dim, generator=gen), rows.repeat_interleave(8)
-    weights = lambda **kw: dict(G_ema=G_ema.state_dict(), D=D.state_dict(), step=step, **kw)  # noqa
+    weights = lambda **kw: dict(G_ema=G_ema.state_dict(), D=D.state_dict(), step=step, **kw,  # noqa
+                                **{k: m.state_dict() for k, m in more})   # and bigbigan.py's E
     due = lambda every: step % every == 0 or step == cfg.steps    # noqa: E731 (an interval is due)
 
     # on the device, so that the step's graph is the same every step (no recompiles on XLA)
@@ -1534,8 +1551,8 @@ def train(cfg: Config):
     with stop_signals() as received:
         while step < cfg.steps:
             decay = 0.0 if step < cfg.ema_start else cfg.ema_decay    # EMA = copy before ema_start
-            stats = train_step(models, (opt_G, opt_D),
-                               [next(batches) for _ in range(cfg.disc_iters)], cfg, rt, decay)
+            stats = step_fn(models, (opt_G, opt_D),
+                            [next(batches) for _ in range(cfg.disc_iters)], cfg, rt, decay)
             step += 1
             step_t += 1
             ok = torch.isfinite(stats['loss_d']) & torch.isfinite(stats['loss_g'])
@@ -1718,14 +1735,14 @@ def save_named_rows(rows: list, path: str, scale: int = 2, heads: tuple = ()):
     img.save(path)
 
 
-def load_run(out: str, device: str = 'auto', ckpt: str = 'ckpt.pt'):
+def load_run(out: str, device: str = 'auto', ckpt: str = 'ckpt.pt', config=Config):
     """(cfg, G_ema, rt) from a run folder: config.json and the G_ema of `ckpt` (in `out`):
     ckpt.pt, best.pt (the lowest FID during training) or snapshots/step_XXXXXXX.pt."""
     for name in ('config.json', ckpt):
         if not os.path.exists(os.path.join(out, name)):
             raise ValueError(f'--out {out}: no {name} (is this a training output folder?)')
     with open(os.path.join(out, 'config.json')) as fh:
-        cfg = Config(**{**json.load(fh), 'device': device, 'out': out})
+        cfg = config(**{**json.load(fh), 'device': device, 'out': out})
     rt = Runtime(cfg.device, cfg.precision)
     G, _ = build_models(cfg)
     G.load_state_dict(torch.load(os.path.join(out, ckpt), map_location='cpu',
@@ -1734,9 +1751,9 @@ def load_run(out: str, device: str = 'auto', ckpt: str = 'ckpt.pt'):
 
 
 def sample(out: str, num: int, to: str, device: str = 'auto', batch_size: int = 256,
-           seed: int = 0, ckpt: str = 'ckpt.pt'):
+           seed: int = 0, ckpt: str = 'ckpt.pt', config=Config):
     """Write `num` samples of G_ema as an .npz (x uint8 NHWC, y int64) or a folder of PNGs."""
-    cfg, G, rt = load_run(out, device, ckpt)
+    cfg, G, rt = load_run(out, device, ckpt, config)
     xs, ys = zip(*generate_uint8(G, num, cfg, rt, batch_size, seed))
     x, y = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
     if to.endswith('.npz'):
@@ -1869,11 +1886,11 @@ def with_data_classes(cfg: Config, dataset) -> Config:
     return dataclasses.replace(cfg, num_classes=dataset.num_classes or cfg.clusters)
 
 
-def config_parser(parser):
-    """One flag per Config field; its help is the field's comment in the source above."""
-    comments = dict(re.findall(r'^    (\w+): \w+ = .*?#\s*(.*)$', inspect.getsource(Config),
-                               re.MULTILINE))
-    for f in dataclasses.fields(Config):
+def config_parser(parser, config=Config):
+    """One flag per field of `config` (Config or a subclass); its help is the field's comment."""
+    comments = dict(re.findall(r'^    (\w+): \w+ = .*?#\s*(.*)$', ''.join(
+        inspect.getsource(c) for c in config.__mro__[:-1][::-1]), re.MULTILINE))
+    for f in dataclasses.fields(config):
         flag, kw = '--' + f.name.replace('_', '-'), dict(default=None)
         kw['help'] = f'{comments.get(f.name, "")} (default: {f.default!r})'.replace('%', '%%')
         if f.type is bool:
@@ -1886,12 +1903,18 @@ def config_parser(parser):
     return parser
 
 
-def main(argv=None):
+def main(argv=None, prog='s3gan.py', config=Config, commands=None, run_demo=None):
+    """The command line. bigbigan.py's is this one with its own Config subclass, commands
+    ({name: (help, function of a config)}: their flags are the config's fields) and demo."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog='s3gan.py', description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(prog=prog, description=sys.modules[
+        config.__module__].__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command')
-    config_parser(sub.add_parser('train', help='train a GAN (runs label inference if needed)'))
-    config_parser(sub.add_parser('infer-labels', help='the label stage alone (paper Sec. 3.1)'))
+    commands = commands or {'train': ('train a GAN (runs label inference if needed)', train),
+                            'infer-labels': ('the label stage alone (paper Sec. 3.1)',
+                                             infer_labels)}
+    for name, (text, _) in commands.items():
+        config_parser(sub.add_parser(name, help=text), config)
     p = sub.add_parser('sample', help='write samples of a trained G_ema for fid.py')
     p.add_argument('--out', required=True, help='the training output folder')
     p.add_argument('--num', type=int, default=50000)
@@ -1913,22 +1936,18 @@ def main(argv=None):
         if args.command == 'import-tf':
             return import_tf(args.path, args.out)
         if args.command == 'sample':
-            sample(**{k: v for k, v in vars(args).items() if k != 'command'})
+            sample(**{k: v for k, v in vars(args).items() if k != 'command'}, config=config)
             print(f'wrote {args.num} samples to {args.to}')
             return
         given = {k: v for k, v in vars(args).items() if k != 'command' and v is not None}
         if args.command is None:
-            return demo()
-        cfg = Config(**given)
-        if args.command == 'infer-labels':
-            infer_labels(cfg)
-        else:
-            train(cfg)
+            return (run_demo or demo)()
+        commands[args.command][1](config(**given))
     except TrainingInterrupted as e:
-        print(f's3gan.py: {e.args[0]}', file=sys.stderr)
+        print(f'{prog}: {e.args[0]}', file=sys.stderr)
         sys.exit(128 + e.args[1])
     except (ValueError, OSError, TrainingDiverged) as e:
-        print(f's3gan.py: error: {e}', file=sys.stderr)
+        print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)
     finally:
         [signal.signal(s, h) for s, h in handlers.items()]

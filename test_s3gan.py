@@ -903,25 +903,31 @@ D_train = rt.wrap(D)                           # kept: its hooks average D's gra
 out = D_train(x_real[rows], y_real[rows])      # 1 labeled image in one half, 3 in the other
 loss_cls = s3gan.class_loss(out.cls_logits, y_real[rows])
 (out.logits.mean() + out.rot_logits.mean() + loss_cls).backward()
-torch.save(dict(x=x.detach(), grads=[p.grad for p in G.parameters()], loss_cls=loss_cls.detach(),
-                grads_D=[p.grad for p in D.parameters()]),
-           os.path.join({out!r}, f'rank{{rt.rank}}_of{{rt.world}}.pt'))
+result = dict(x=x.detach(), grads=[p.grad for p in G.parameters()], loss_cls=loss_cls.detach(),
+              grads_D=[p.grad for p in D.parameters()])
+'''
+SAVE_AND_TEAR_DOWN = '''
+torch.save(result, os.path.join({out!r}, f'rank{{rt.rank}}_of{{rt.world}}.pt'))
 if torch.distributed.is_initialized():   # both ranks done before gloo's teardown
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 '''
 
 
-def test_two_processes_with_torchrun_equal_one_process(tmp_path):
+def one_and_two_processes(tmp_path, script_text):
+    """Runs the script as one process, then as two under torchrun: -> the `result` of each."""
     script = tmp_path / 'ddp.py'
-    script.write_text(TWO_PROCESS_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
+    script.write_text((script_text + SAVE_AND_TEAR_DOWN).format(root=str(ROOT), out=str(tmp_path)))
     env = dict(os.environ, OMP_NUM_THREADS='1')
     for launcher in ([], ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']):
         r = subprocess.run([sys.executable, *launcher, str(script)], env=env, timeout=300,
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    one = torch.load(tmp_path / 'rank0_of1.pt')
-    r0, r1 = torch.load(tmp_path / 'rank0_of2.pt'), torch.load(tmp_path / 'rank1_of2.pt')
+    return [torch.load(tmp_path / f) for f in ('rank0_of1.pt', 'rank0_of2.pt', 'rank1_of2.pt')]
+
+
+def test_two_processes_with_torchrun_equal_one_process(tmp_path):
+    one, r0, r1 = one_and_two_processes(tmp_path, TWO_PROCESS_SCRIPT)
     assert torch.allclose(torch.cat([r0['x'], r1['x']]), one['x'], atol=1e-5)   # global moments
     for g1, g0, g_1 in zip(one['grads'], r0['grads'], r1['grads']):
         assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4) and torch.equal(g0, g_1)
@@ -2038,3 +2044,230 @@ def test_labels_stage_at_128_is_the_resnet50_with_s4ls_schedule(tmp_path):
     assert isinstance(net, s3gan.ResNet50) and state['num_classes'] == 10
     assert result.labels.shape == (20,) and result.labeled.sum() == 10
     assert load_labels(tmp_path / 'labels.npz')[3]['pretrain_batch_size'] == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# --- issue 21: BigBiGAN (bigbigan.py) beside S3GAN, on the same backbone ---
+# ----------------------------------------------------------------------------------------------
+
+import bigbigan  # noqa: E402
+
+
+def bb_cfg(tmp_path=None, **kw):
+    base = dict(resolution=32, ch=4, batch_size=8, num_classes=1, mlp_width=16, mlp_depth=2)
+    if tmp_path is not None:
+        base.update(data='shapes', num_images=60, steps=2, out=str(tmp_path / 'bb'), num_classes=0,
+                    num_workers=0, log_every=1, sample_every=1000, ckpt_every=1000,
+                    standing_batches=2, device='cpu', probe_steps=50)
+    return bigbigan.BigBiGANConfig(**dict(base, **kw))
+
+
+def test_bigbigan_losses_equal_their_equations():
+    s_enc = torch.tensor([[2.0, 0.5], [-1.0, 0.0], [1.5, 3.0]])   # (s_xz, s_x, s_z) x 2 images
+    s_gen = torch.tensor([[-2.0, 0.5], [0.25, -3.0], [1.0, 0.0]])
+    # D: each score hinged separately, the means over the 6 concatenated scores
+    hinge = (0 + 0.5 + 2 + 1 + 0 + 0) / 6 + (0 + 1.5 + 1.25 + 0 + 2 + 1) / 6
+    assert torch.isclose(bigbigan.loss_d(s_enc, s_gen), torch.tensor(hinge))
+    loss_e, loss_g = bigbigan.loss_eg(s_enc, s_gen)                # linear, not hinged
+    assert torch.isclose(loss_e, torch.tensor(6.0 / 6)) and torch.isclose(loss_g,
+                                                                           torch.tensor(3.25 / 6))
+
+
+def test_bigbigan_encoder_samples_mu_plus_softplus_sigma_times_eps():
+    torch.manual_seed(0)
+    E = bigbigan.Encoder(32, 4, 8, 2)
+    with torch.no_grad():                                          # mu, sigma_hat from the bias
+        E.mu_sigma.weight.zero_()
+        E.mu_sigma.bias.copy_(torch.tensor([1.0, -2.0, 0.0, 3.0, -1.0, 0.0, 2.0, -30.0]))
+    x = torch.rand(4000, 3, 8, 8)                                  # small: the trunk pools
+    torch.manual_seed(1)
+    z, mu, sigma = E(x)
+    torch.manual_seed(1)
+    eps = torch.randn(4000, 4)
+    assert torch.equal(mu[0], torch.tensor([1.0, -2.0, 0.0, 3.0]))
+    assert torch.allclose(sigma[0], F.softplus(torch.tensor([-1.0, 0.0, 2.0, -30.0])))
+    assert torch.allclose(z, mu + sigma * eps)                     # eps ~ N(0, I), reparametrised
+    assert torch.allclose(z.mean(0), mu[0], atol=0.05) and torch.allclose(
+        z.std(0), sigma[0], rtol=0.05, atol=1e-6)
+    assert (sigma > 0).all() and z[:, 3].std() < 1e-6              # softplus: positive, or ~0
+
+
+def test_bigbigan_gradients_go_only_where_they_should():
+    torch.manual_seed(0)
+    cfg = bb_cfg()
+    G, E, D = bigbigan.build_models(cfg)
+    x_hi, z = torch.rand(4, 3, 64, 64), torch.randn(4, cfg.z_dim)
+    z_enc, x_fake = E(x_hi)[0], G(z, torch.zeros(4, dtype=torch.long))
+    s = D(torch.cat([bigbigan.encoder_input(x_hi, cfg), x_fake]), torch.cat([z_enc, z]))
+    assert s.shape == (3, 8)
+
+    def grads(loss, nets):   # has each net's weights a non-zero gradient from `loss`?
+        params = [p for net in nets for p in net.parameters()]
+        gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        out, i = [], 0
+        for net in nets:
+            n = len(list(net.parameters()))
+            out.append(any(g is not None and g.abs().sum() > 0 for g in gs[i:i + n]))
+            i += n
+        return out
+    s_xz, s_x, s_z = s
+    assert grads(s_x[:4].sum(), [E, G]) == [False, False]     # s_x(x): a function of x alone
+    assert grads(s_z[4:].sum(), [E, G]) == [False, False]     # s_z(z): G none from its z
+    assert grads(s_x[4:].sum(), [E, G]) == [False, True]
+    assert grads(s_z[:4].sum(), [E, G]) == [True, False]
+    assert grads(s_xz.sum(), [E, G]) == [True, True]
+    # the steps: D's moves D only, E/G's moves E and G only
+    rt, G_ema = s3gan.Runtime('cpu'), copy.deepcopy(G)
+    opt_EG = rt.adam([dict(params=G.parameters()), dict(params=E.parameters(), lr=1e-3)], 1e-4,
+                     cfg)
+    opt_D = rt.adam(D.parameters(), 5e-4, cfg)
+    seen = {}
+
+    def spy(opt, name):   # each net's gradients when `opt` steps
+        step = opt.step
+        opt.step = lambda: seen.update({name: {n: [None if p.grad is None else p.grad.clone()
+                                                   for p in m.parameters()]
+                                               for n, m in zip('GED', (G, E, D))}}) or step()
+    spy(opt_D, 'D step'), spy(opt_EG, 'E/G step')
+    batches = [(x_hi, torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))]
+    cfg1 = dataclasses.replace(cfg, disc_iters=1)
+    bigbigan.train_step((G, D, G_ema, G, D, E, E), (opt_EG, opt_D), batches, cfg1, rt, 0.0)
+    d, eg = seen['D step'], seen['E/G step']
+    assert all(g is None for g in d['G'] + d['E']) and all(g is not None for g in d['D'])
+    assert all(torch.equal(a, b) for a, b in zip(d['D'], eg['D']))   # E/G's step: none for D
+    assert all(g is not None and g.abs().sum() > 0 for g in eg['E'])
+    assert all(g is not None for g in eg['G'])
+    assert all(torch.equal(a, b) for a, b in zip(G_ema.parameters(), G.parameters()))
+
+
+@pytest.mark.parametrize('unary,high_res_e', [(True, True), (False, False)])
+def test_bigbigan_one_step(unary, high_res_e):
+    torch.manual_seed(0)
+    cfg = bb_cfg(unary=unary, high_res_e=high_res_e)
+    rt = s3gan.Runtime('cpu')
+    G, D, G_ema, opt_EG, opt_D, (name, E) = bigbigan.build_training(cfg, rt)
+    R = 64 if high_res_e else 32
+    seen = []
+    D.register_forward_hook(lambda m, inp, out: seen.append((inp[0].shape, out.shape)))
+    batches = [(torch.rand(8, 3, R, R), torch.zeros(8, dtype=torch.long),
+                torch.zeros(8, dtype=torch.long)) for _ in range(cfg.disc_iters)]
+    stats = bigbigan.train_step((G, D, G_ema, G, D, E, E), (opt_EG, opt_D), batches, cfg, rt, 0.)
+    assert name == 'E' and all(torch.isfinite(v) for v in stats.values())
+    S = 3 if unary else 1
+    assert seen == [((16, 3, 32, 32), (S, 16))] * (cfg.disc_iters + 1)   # D reads 32x32
+    assert ('s_x_enc' in stats) == unary and stats['sigma_e'] > 0
+    assert opt_EG.param_groups[1]['lr'] == cfg.lr_g * cfg.lr_e_factor == 10 * cfg.lr_g
+
+
+def test_bigbigan_parameter_counts_at_128_with_resnet50_e():
+    cfg = bigbigan.BigBiGANConfig(resolution=128, num_classes=1)   # ch 96, z 120, MLPs 2048
+    with torch.device('meta'):                                     # counts only: no memory
+        G = s3gan.Generator(cfg.z_dim, 1, cfg.ch, cfg.g_mult, cfg.g_attn, cfg.embed_dim)
+        E = bigbigan.Encoder(bigbigan.encoder_resolution(cfg), cfg.z_dim, cfg.mlp_width,
+                             cfg.mlp_depth)
+        D = bigbigan.JointDiscriminator(cfg.ch, cfg.d_mult, cfg.d_attn, cfg.z_dim,
+                                        cfg.mlp_width, cfg.mlp_depth, cfg.unary)
+    n = lambda m: sum(p.numel() for p in m.parameters())   # noqa: E731
+    # G: BigGAN's (compare_gan) with one class: 999 embedding rows of 128 fewer
+    assert n(G) == 70_433_988 - 999 * 128 == 70_306_116
+    # E: ResNet-50 (its conv and BN weights, no heads), 4 x 2048 MLP, mu and sigma_hat
+    assert isinstance(E.trunk, s3gan.ResNet50) and bigbigan.encoder_resolution(cfg) == 256
+    assert n(E.trunk) == 23_454_912 + 45_440 and n(E) == 40_777_520
+    # D: F is S3GAN's D without its projection and heads; H and J 4 x 2048 with theta_z, theta_xz
+    assert n(D.F) == 86_446_370 and (n(D.H), n(D.J)) == (12_836_864, 19_931_136)
+    assert n(D) == 119_218_468
+
+
+def test_bigbigan_tiny_run_resumes_samples_probes_and_feeds_the_label_stage(tmp_path):
+    """A few seconds: train 2 steps and resume to 4 (= 4 unbroken), sample, probe, and
+    s3gan's label stage on this run's encoder."""
+    cfg = bb_cfg(tmp_path)
+    bigbigan.train(cfg)
+    bigbigan.train(dataclasses.replace(cfg, steps=4))
+    bigbigan.train(dataclasses.replace(cfg, steps=4, out=str(tmp_path / 'unbroken')))
+    a, b = (torch.load(Path(p) / 'ckpt.pt', weights_only=True) for p in (cfg.out,
+                                                                          tmp_path / 'unbroken'))
+    assert a['step'] == b['step'] == 4 and {'G', 'G_ema', 'D', 'E', 'opt_G', 'opt_D'} <= set(a)
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ('G', 'E', 'D', 'G_ema') for n in a[k])
+    x, y = s3gan.sample(cfg.out, 5, str(tmp_path / 's.npz'), device='cpu',
+                        config=bigbigan.BigBiGANConfig)
+    assert x.shape == (5, 32, 32, 3) and (y == 0).all()
+    result = bigbigan.probe(dataclasses.replace(cfg, labeled_fraction=0.5))
+    assert result['labeled'] == 30 and result['dims'] == 2 * 256 and 0 <= result['accuracy'] <= 1
+    for method in ('s3gan', 'clustering'):
+        labels = s3gan.infer_labels(Config(method=method, data='shapes', num_images=60,
+                                           resolution=32, out=str(tmp_path / method),
+                                           labeled_fraction=0.5, encoder=cfg.out, device='cpu'))
+        assert labels.accuracy is not None and len(labels.labels) == 60
+        assert not (tmp_path / method / 'pretrain.pt').exists()      # no rotation stage
+    assert (labels.labeled.sum(), set(labels.labels)) == (0, set(range(10)))
+
+
+def test_bigbigan_features_avepool_and_bn_crelu(tmp_path):
+    cfg = bb_cfg(tmp_path, steps=1)
+    bigbigan.train(cfg)
+    h = bigbigan.encoder_features(cfg.out, cfg, 'cpu', 'avepool')
+    g = bigbigan.encoder_features(cfg.out, cfg, 'cpu', 'bn_crelu')
+    assert h.shape == (60, 256) and g.shape == (60, 512) and (h >= 0).all()
+    b = (h - h.mean(0)) / (h.var(0, unbiased=False) + 1e-5).sqrt()
+    assert torch.allclose(g, torch.cat([b.clamp(min=0), (-b).clamp(min=0)], 1), atol=1e-5)
+
+
+def test_bigbigan_linear_probe_learns_separable_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    h = torch.randn(300, 8, generator=g) + 4 * F.one_hot(y, 8)
+    head = bigbigan.linear_probe(h[:60], y[:60].numpy(), steps=200)
+    assert (head(h[60:]).argmax(1) == y[60:]).float().mean() > 0.95
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['train', '--method', 's3gan'], 'BigBiGAN is unconditional'),
+    (['train', '--resolution', '512'], 'use --no-high-res-e'),
+    (['probe', '--out', '/no/such/run'], '/no/such/run: no config.json'),
+])
+def test_bigbigan_cli_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bigbigan.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and err.startswith('bigbigan.py: error')
+
+
+def test_bigbigan_help_lists_s3gans_flags_and_its_own(capsys):
+    with pytest.raises(SystemExit):
+        bigbigan.main(['train', '--help'])
+    out = ' '.join(capsys.readouterr().out.split())                # argparse wraps lines
+    assert '--lr-e-factor' in out and '--no-unary' in out and '--disc-iters' in out
+    assert "lr = lr_g x this" in out and 'D steps per G step' in out   # comments as help
+
+
+BIGBIGAN_TWO_PROCESS_SCRIPT = '''
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import bigbigan, s3gan
+rt = s3gan.Runtime('cpu')
+torch.manual_seed(0)
+cfg = bigbigan.BigBiGANConfig(resolution=32, ch=4, num_classes=1, mlp_width=16, mlp_depth=2)
+G, E, D = bigbigan.build_models(cfg)
+G_train, E_train, D_train = rt.wrap(G), rt.wrap(E), rt.wrap(D)
+g = torch.Generator().manual_seed(1)
+x, z = torch.rand(8, 3, 64, 64, generator=g), torch.randn(8, cfg.z_dim, generator=g)
+eps = torch.randn(8, cfg.z_dim, generator=g)
+rows = slice(rt.rank * 8 // rt.world, (rt.rank + 1) * 8 // rt.world)
+_, mu, sigma = E_train(x[rows])                # E's batch norms: the moments of all 8 images
+z_enc = mu + sigma * eps[rows]
+x_fake = G_train(z[rows], torch.zeros(len(z[rows]), dtype=torch.long))
+s = D_train(torch.cat([bigbigan.encoder_input(x[rows], cfg), x_fake]), torch.cat([z_enc, z[rows]]))
+n = len(z[rows])
+loss = bigbigan.loss_d(s[:, :n], s[:, n:]) + sum(bigbigan.loss_eg(s[:, :n], s[:, n:]))
+loss.backward()                                # DDP averages: the global batch's means
+result = dict(s=s.detach(), grads=[p.grad for m in (G, E, D) for p in m.parameters()])
+'''
+
+
+def test_bigbigan_two_processes_with_torchrun_equal_one_process(tmp_path):
+    one, r0, r1 = one_and_two_processes(tmp_path, BIGBIGAN_TWO_PROCESS_SCRIPT)
+    s = torch.cat([r0['s'][:, :4], r1['s'][:, :4], r0['s'][:, 4:], r1['s'][:, 4:]], 1)
+    assert torch.allclose(s, one['s'], atol=1e-5)              # reals, then fakes, of both
+    for g1, g0, g_1 in zip(one['grads'], r0['grads'], r1['grads']):
+        assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4) and torch.equal(g0, g_1)
