@@ -35,7 +35,11 @@ without feeds (evaluate_tfhub_module draws z inside the graph), and we feed fixe
 
 Each configuration starts from the same state S0: compare_gan's initialisers (orthogonal kernels,
 glorot projection, random u), then biases, BN gains/offsets and attention gains set to random
-values (they start at 0 or 1), and EMA shadows = weights + noise, so that every parameter shows.
+values (they start at 0 or 1), every kernel's outputs scaled by U(0.5, 1.5) plus noise (so no
+kernel is orthogonal: for an orthogonal square W both sides of the power iteration give the same
+u), and EMA shadows = weights + noise, so that every parameter shows. The real images are blocky
+(4x4 random cells plus 30% pixel noise), so the rotation and class losses depend on which rows
+they are computed on.
 Weights are rounded to float16 values (stored as float16, exact), outputs and gradients float32.
 The .npz holds: var/<TF name> (S0: every variable, u_var, accu_*, EMA shadows); the inputs x_real
 (uint8, NHWC, /255 gives the float images), y_real (-1: unlabeled), z1, y1, z2, y2, z_accu,
@@ -167,13 +171,18 @@ def build(tf, gin, hub, S3GAN, resolution: int, c: dict):
 
 
 def initial_state(sess, t, seed: int):
-    """S0: compare_gan's initial values, then every offset and gain random, EMA = weights + noise,
-    all rounded to float16 values (exact in the .npz)."""
+    """S0: compare_gan's initial values, then every offset and gain random, kernels no longer
+    orthogonal (each output scaled by 0.5-1.5, plus noise: with orthogonal square kernels both
+    sides of the power iteration give the same u, and sigma is 1), EMA = weights + noise, all
+    rounded to float16 values (exact in the .npz)."""
     rng = np.random.default_rng(seed)
     state = {}
     for name, v in sorted(t.vars.items()):
         x, leaf = sess.run(v), name.split('/')[-1]
-        if leaf in ('bias', 'beta'):
+        if leaf == 'kernel':
+            x = x * rng.uniform(0.5, 1.5, x.shape[-1]) + 0.3 * x.std() * rng.standard_normal(
+                x.shape)
+        elif leaf in ('bias', 'beta'):
             x = 0.2 * rng.standard_normal(x.shape)
         elif leaf == 'gamma':
             x = 1 + 0.2 * rng.standard_normal(x.shape)
@@ -213,7 +222,9 @@ def golden(tf, gin, hub, S3GAN, resolution: int, out_dir: str):
     B, K, Z, R = c['batch'], c['num_classes'], c['z_dim'], resolution
     y_real = rng.integers(0, K, B)
     y_real[rng.permutation(B)[:B // 2]] = -1                  # half of the reals unlabeled
-    g = dict(x_real=rng.integers(0, 256, (B, R, R, 3)).astype(np.uint8), y_real=y_real,
+    smooth = rng.random((B, 4, 4, 3)).repeat(R // 4, 1).repeat(R // 4, 2)   # blocky images with
+    x_real = 255 * (0.7 * smooth + 0.3 * rng.random((B, R, R, 3)))        # an up and a down
+    g = dict(x_real=x_real.astype(np.uint8), y_real=y_real,
              z1=rng.standard_normal((B, Z)), y1=rng.integers(0, K, B),
              z2=rng.standard_normal((B, Z)), y2=rng.integers(0, K, B),
              z_accu=rng.standard_normal((STANDING_BATCHES, B, Z)),
