@@ -22,7 +22,7 @@ Methods without true labels (clustering, single-label) are scored after the best
 matching of G's classes to the true ones; a class G has none for counts 0. FD is the Frechet
 distance between samples and real images in judge A's 128-d features, the set's stand-in for FID.
 
-    python s3gan.py                      # the demo, about 8.5 min on 2 idle CPU cores
+    python s3gan.py                      # the demo, about 9 min on 2 idle CPU cores
     python -c "import s3gan; s3gan.demo(method='biggan', labeled_fraction=1.0)"
 """
 import dataclasses
