@@ -940,7 +940,6 @@ def test_measures_score_an_untrained_g_near_chance(tmp_path):
     torch.manual_seed(0)
     G, _ = s3gan.build_models(cfg)
     s = demo.measure(G, cfg, s3gan.Runtime('cpu'), judges, num=500)
-    assert s['real_judge_b'] > 0.3, s    # a judge, if a short one (A learns slower: not asked)
     assert max(s['judge_a'], s['judge_b'], s['cas']) < 0.3, s    # chance 0.1
     assert s['real_fd'] < 0.1 * s['fd'], s                       # real images: near 0
     one = Config(**{**cfg.__dict__, 'method': 'single-label'})
