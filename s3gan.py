@@ -1591,9 +1591,8 @@ def train(cfg: Config, data=make_dataset, build=build_training, step_fn=train_st
             if due(cfg.sample_every) and rt.is_main:
                 standing_statistics(G_ema, min(cfg.grid_standing_batches, cfg.standing_batches),
                                     cfg.seed + 1)
-                x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), rt).split(8)
-                save_named_rows([(f'class {c}', x_c) for c, x_c in zip(rows.tolist(), x)],
-                                os.path.join(cfg.out, 'samples', f'step_{step:07d}.png'), scale=1)
+                x = generate(G_ema, grid_z.to(rt.device), grid_y.to(rt.device), rt)
+                save_grid(x, os.path.join(cfg.out, 'samples', f'step_{step:07d}.png'))
             if cfg.fid_stats and due(cfg.fid_every) and rt.is_main:
                 fid_value = evaluate_fid(G_ema, cfg, rt)
                 print(f'step {step} | FID {fid_value:.2f}', flush=True)
@@ -1666,6 +1665,11 @@ def generate_uint8(G, num: int, cfg: Config, rt: Runtime, batch_size: int = 256,
         yield (x * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy(), y.numpy()
 
 
+def save_grid(x, path: str, per_row: int = 8):   # x (N, 3, R, R) in [0, 1] -> one PNG
+    x = (x * 255).round().clamp(0, 255).byte().view(-1, per_row, *x.shape[1:])  # (rows, 8, 3, R, R)
+    Image.fromarray(x.permute(0, 3, 1, 4, 2).flatten(0, 1).flatten(1, 2).numpy()).save(path)
+
+
 def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
     """FID of cfg.fid_samples samples of G_ema against the statistics in cfg.fid_stats."""
     import fid   # lazily: only runs that ask for FID need it
@@ -1675,64 +1679,6 @@ def evaluate_fid(G, cfg: Config, rt: Runtime) -> float:
               generate_uint8(G, cfg.fid_samples, cfg, rt, seed=cfg.seed + 7))
     mu, sigma = fid.compute_statistics(synced(images, rt.device), model)   # a sync per batch
     return float(fid.frechet_distance(mu, sigma, ref['mu'], ref['sigma']))
-
-
-def load_judge(cfg: Config, device, steps: int = 0) -> FeatureNet:
-    """The demo's judge (ours): a FeatureNet of its own trained with S4L on all true labels
-    (`steps`, 0: half the label stage's default), once per resolution, cached in cfg.out."""
-    default_steps, ds = label_stage(Config(resolution=cfg.resolution))[0], make_dataset(cfg)
-    path = os.path.join(cfg.out, f'judge_{cfg.resolution}.pt')
-    if not os.path.exists(path):
-        print(f'judge: a classifier on all {len(ds)} true labels', flush=True)
-        torch.manual_seed(cfg.seed + 1)
-        save_checkpoint(path, pretrain(cfg, ds, np.ones(len(ds), bool), ds.num_classes,
-                                       steps or default_steps // 2, torch.device(device))
-                        .state_dict())
-    net = feature_net(cfg.resolution, ds.num_classes)
-    net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
-    return net.to(device).eval()
-
-
-@torch.no_grad()
-def judge_scores(judge: FeatureNet, G, cfg: Config, rt: Runtime, num: int = 1000) -> dict:
-    """For `num` samples of G with standing statistics: class accuracy (label-free methods: after
-    the best one-to-one matching of G's classes to true ones, a class G has none for counting 0)
-    and the Frechet distance to real images in the judge's feature space; real_*: the same for
-    held-out real images (the embedded set from another seed), and `real`: those images."""
-    import fid   # lazily, as for FID
-
-    def predict(x):   # (N, 3, R, R) in [0, 1] -> predicted classes, feature mean and covariance
-        h = torch.cat([judge(b.to(rt.device)) for b in x.split(250)])
-        return judge.cls_head(h).argmax(1).cpu(), *fid.feature_statistics(h.cpu())
-
-    ds = make_dataset(dataclasses.replace(cfg, num_images=2 * num, seed=cfg.seed + 1000))
-    x_real, y_real = torch.stack([ds[i][0] for i in range(2 * num)]), torch.as_tensor(ds.labels)
-    xs, ys = zip(*generate_uint8(G, num, cfg, rt, seed=cfg.seed + 7))
-    x, y = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2) / 255, np.concatenate(ys)
-    (pred, *st), (pred_r, *st_r), (_, *st_r2) = map(predict, (x, x_real[:num], x_real[num:]))
-    K, C = G.embed_y.num_embeddings, judge.cls_head.out_features   # classes G can be asked for
-    matched = cfg.method in ('single-label', 'random-label') or cfg.method.startswith('cluster')
-    return dict(class_acc=cluster_accuracy(y, pred) * min(1, K / C) if matched else
-                float((pred.numpy() == y).mean()), fd=fid.frechet_distance(*st, *st_r),
-                real_acc=(pred_r == y_real[:num]).float().mean().item(),
-                real_fd=fid.frechet_distance(*st_r2, *st_r), real=(x_real[:num], y_real[:num]))
-
-
-def save_named_rows(rows: list, path: str, scale: int = 2, heads: tuple = ()):
-    """One PNG, a row per (name, images (N, 3, R, R) in [0, 1]): the name, then the images
-    (NaN images are left blank), enlarged `scale` times; heads: (column, text) above them."""
-    from PIL import ImageFont
-    font, R, top = ImageFont.load_default(), rows[0][1].shape[-1] * scale, 16 if heads else 0
-    left = max(font.getbbox(name)[2] for name, _ in rows) + 8
-    img = Image.new('RGB', (left + max(len(x) for _, x in rows) * R, top + len(rows) * R), 'white')
-    for c, text in heads:
-        ImageDraw.Draw(img).text((left + c * R, 2), text, fill='black', font=font)
-    for r, (name, x) in enumerate(rows):
-        ImageDraw.Draw(img).text((4, top + r * R + R // 2 - 6), name, fill='black', font=font)
-        for c, tile in enumerate((x.nan_to_num(1) * 255).round().byte().permute(0, 2, 3, 1)):
-            img.paste(Image.fromarray(tile.numpy()).resize((R, R), Image.NEAREST),
-                      (left + c * R, top + r * R))
-    img.save(path)
 
 
 def load_run(out: str, device: str = 'auto', ckpt: str = 'ckpt.pt', config=Config):
@@ -1860,7 +1806,7 @@ def import_tf(path: str, out: str):
 
 # The embedded demo: S3GAN with 10% labels on the shapes set at 32x32, small enough for a laptop.
 # NOTE (deviation): ch 16, G's last block 2 x ch wide (compare_gan: 4 x ch), batch 32, 1,200 G
-# steps, Adam at 1e-3 for G and D, G_ema from the first step with decay 0.99. By the judge's
+# steps, Adam at 1e-3 for G and D, G_ema from the first step with decay 0.99. By judge A's
 # class accuracy: 2e-4 for both and 1e-4 / 4e-4 (near the paper's, meant for batch 2048 and 250k
 # steps) stay near chance after 1,500 steps, 5e-4 reaches 0.64, 1e-3 0.85, 2e-3 is unstable; the
 # narrower block makes a step 20% cheaper at equal accuracy; batch 16 or 24 and 1 D step per G
@@ -1956,29 +1902,10 @@ def main(argv=None, prog='s3gan.py', config=Config, commands=None, run_demo=None
 
 
 def demo(**overrides):
-    cfg = Config(**{**DEMO, **overrides})
-    print(f'S3GAN demo: {cfg.method} on the embedded shapes set, {cfg.resolution}x'
-          f'{cfg.resolution}, {cfg.labeled_fraction:.0%} labels, {cfg.steps} G steps, output in '
-          f'{cfg.out}/')
-    t = time.time()
-    result = train(cfg)
-    cfg, G_ema, rt = result['cfg'], result['G_ema'], Runtime(cfg.device)
-    s = judge_scores(load_judge(cfg, rt.device), G_ema, cfg, rt)
-    print(f'\nDone in {(time.time() - t) / 60:.1f} min: label inference, {result["step"]} G '
-          f'steps, the judge. Inferred labels: {result["label_acc"]:.1%} right on the rest.\n'
-          f'Judge (a classifier trained on all true labels) on 1000 samples of G_ema: class '
-          f'accuracy {s["class_acc"]:.2f} (chance 0.10), FD {s["fd"]:.2f}; on real images '
-          f'(the ceiling): {s["real_acc"]:.3f}, FD {s["real_fd"]:.2f}.')
-    (x_real, y_real), K = s['real'], cfg.num_classes
-    z = torch.randn(K * 8, cfg.z_dim, generator=torch.Generator().manual_seed(1))
-    x = generate(G_ema, z.to(rt.device), torch.arange(K).repeat_interleave(8).to(rt.device), rt)
-    gap = torch.full((1,) + x.shape[1:], float('nan'))
-    save_named_rows([(name, torch.cat([x_real[y_real == c][:4], gap, x[8 * c:8 * c + 8]]))
-                     for c, name in enumerate(SHAPES)], f'{cfg.out}/samples/final.png', heads=(
-                    (0, 'real images'), (5, f'G_ema, {cfg.labeled_fraction:.0%} labels: class '
-                                            f'accuracy {s["class_acc"]:.2f}')))
-    print(f'Samples (a row per class: 4 real images, then 8 of G_ema): '
-          f'{cfg.out}/samples/final.png\nCheckpoint: {cfg.out}/ckpt.pt   log: {cfg.out}/log.jsonl')
+    """The demo and its report (judges, CAS, picture): examples/demo.py, a tool, not the paper."""
+    sys.modules.setdefault('s3gan', sys.modules[__name__])   # `python s3gan.py`: one module
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'examples'))
+    return __import__('demo').demo(**overrides)
 
 
 if __name__ == '__main__':

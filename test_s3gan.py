@@ -939,33 +939,64 @@ def test_two_processes_with_torchrun_equal_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The demo's judge, its picture and the paper's table in miniature
+# --- issue 19: the demo's three measures (examples/demo.py), its report, the table over seeds ---
 # ----------------------------------------------------------------------------------------------
 
-def test_judge_is_right_on_held_out_shapes_and_scores_an_untrained_g_near_chance(tmp_path):
-    """The judge as the demo trains it (its data, its steps); about 30 s on 2 idle cores."""
+sys.path.insert(0, str(ROOT / 'examples'))
+import demo  # noqa: E402  (examples/demo.py)
+import paper_table  # noqa: E402
+TINY = dict(paper_table.TINY, device='cpu')
+
+
+def test_judges_are_right_on_held_out_shapes_and_cas_sees_shuffled_labels(tmp_path):
+    """Both judges as the demo trains them, CAS on real images (its ceiling) and on real images
+    with shuffled labels (a G that ignores y); about 60 s on 2 idle cores."""
+    cfg = Config(**{**s3gan.DEMO, 'out': str(tmp_path), 'num_classes': 10, 'device': 'cpu'})
+    judge_a, judge_b = demo.load_judges(cfg, 'cpu')
+    assert (tmp_path / 'judge_A_32.pt').exists() and (tmp_path / 'judge_B_32.pt').exists()
+    assert not any(isinstance(m, s3gan.ResBlock) for m in judge_b.modules())   # nothing shared
+    x_test, y_test = demo.held_out(cfg, 1000)                   # images of another seed
+    assert (demo.predict(judge_b, x_test, 'cpu') == y_test).float().mean() >= 0.95
+    with torch.no_grad():
+        assert (judge_a.cls_head(judge_a(x_test)).argmax(1) == y_test).float().mean() >= 0.98
+    x, y = demo.all_images(cfg)                                 # as G's samples would be
+    same = demo.cas(x, y, x_test, y_test, 10, demo.CNN_STEPS, 3, 'cpu')
+    ceiling = (demo.predict(judge_b, x_test, 'cpu') == y_test).float().mean().item()
+    assert abs(same - ceiling) < 0.04, (same, ceiling)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    assert demo.cas(x, shuffled, x_test, y_test, 10, 150, 3, 'cpu') < 0.2    # chance 0.1
+    assert demo.cas(x, y * 0, x_test, y_test, 1, 20, 3, 'cpu', matched=True) < 0.15
+    assert demo.load_judges(cfg, 'cpu')[1].state_dict()['0.weight'].equal(
+        judge_b.state_dict()['0.weight'])                       # cached, not trained again
+
+
+def test_measures_score_an_untrained_g_near_chance(tmp_path):
     cfg = Config(**{**s3gan.DEMO, 'out': str(tmp_path), 'num_classes': 10, 'device': 'cpu',
-                    'num_workers': 0})
-    judge = s3gan.load_judge(cfg, 'cpu')
-    assert (tmp_path / 'judge_32.pt').exists()
+                    'ch': 4, 'pretrain_steps': 60, 'num_images': 1000})   # short judges
+    judges = demo.load_judges(cfg, 'cpu')
     torch.manual_seed(0)
-    G, _ = s3gan.build_models(Config(**{**cfg.__dict__, 'ch': 4}))
-    scores = s3gan.judge_scores(judge, G, cfg, s3gan.Runtime('cpu'), num=500)
-    assert scores['real_acc'] >= 0.98, scores['real_acc']   # held-out: images of other seeds
-    assert scores['class_acc'] < 0.3, scores['class_acc']   # chance 0.1
-    assert scores['real_fd'] < 0.1 * scores['fd'], scores   # real images: near 0
-    assert s3gan.load_judge(cfg, 'cpu').state_dict()['stem.weight'].equal(
-        judge.state_dict()['stem.weight'])                   # cached, not trained again
-    G1, _ = s3gan.build_models(Config(**{**cfg.__dict__, 'ch': 4, 'method': 'single-label'}))
-    single = s3gan.judge_scores(judge, G1, Config(**{**cfg.__dict__, 'method': 'single-label'}),
-                                s3gan.Runtime('cpu'), num=500)
-    assert single['class_acc'] <= 0.1    # one class for ten: nine of them count 0
+    G, _ = s3gan.build_models(cfg)
+    s = demo.measure(G, cfg, s3gan.Runtime('cpu'), judges, num=500)
+    assert max(s['judge_a'], s['judge_b'], s['cas']) < 0.3, s    # chance 0.1
+    assert s['real_fd'] < 0.1 * s['fd'], s                       # real images: near 0
+    one = Config(**{**cfg.__dict__, 'method': 'single-label'})
+    G1, _ = s3gan.build_models(one)
+    single = demo.measure(G1, one, s3gan.Runtime('cpu'), judges, num=500)
+    assert single['judge_a'] <= 0.1 and single['judge_b'] <= 0.1 and single['cas'] < 0.15
+
+
+def test_demo_reports_a_method_without_label_stage(tmp_path, capsys):
+    """s3gan.demo (lazy: examples/demo.py) at a tiny size, biggan: no label accuracy to print."""
+    s = s3gan.demo(**TINY, method='biggan', labeled_fraction=1.0, out=str(tmp_path))
+    text = capsys.readouterr().out
+    assert 'no label stage' in text and '(c) CAS' in text and set(s) >= {'judge_a', 'cas', 'fd'}
+    assert Image.open(tmp_path / 'samples' / 'final.png').height == 16 + 10 * 64
 
 
 def test_named_rows_picture_has_names_and_blank_gaps(tmp_path):
     x = torch.zeros(3, 3, 8, 8)
     x[1] = float('nan')                                       # a gap
-    s3gan.save_named_rows([('house', x), ('T', x[:1])], str(tmp_path / 'p.png'), scale=2)
+    demo.save_named_rows([('house', x), ('T', x[:1])], str(tmp_path / 'p.png'), scale=2)
     img = np.asarray(Image.open(tmp_path / 'p.png'))
     left = img.shape[1] - 3 * 16
     assert img.shape[0] == 2 * 16 and left > 20
@@ -973,18 +1004,36 @@ def test_named_rows_picture_has_names_and_blank_gaps(tmp_path):
     assert (img[:, left:left + 16] == 0).all() and (img[:16, left + 16:left + 32] == 255).all()
 
 
-def test_paper_table_script_tiny_run(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / 'examples' / 'paper_table.py'), '--tiny',
-                        '--judge-samples', '200', '--out', str(tmp_path)],
-                       env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    table = (tmp_path / 'table.md').read_text().splitlines()
-    assert [row.split(' | ')[0] for row in table[2:]] == [
-        '| biggan', '| s3gan', '| s2gan', '| clustering', '| single-label',
-        '| real images (ceiling)']
-    img = Image.open(tmp_path / 'methods.png')
-    assert img.height == 6 * 2 * 32                           # real images, then a row a method
+def test_table_ranks_only_where_the_ranges_do_not_overlap():
+    rows = {'a': [dict(x=0.9), dict(x=0.8)], 'b': [dict(x=0.85), dict(x=0.7)],
+            'c': [dict(x=0.1), dict(x=0.2)], 'd': [dict(x=0.05)]}
+    assert paper_table.ranking(rows, 'x', True) == 'a ≈ b > c ≈ d'     # d: one seed
+    assert paper_table.ranking(rows, 'x', False) == 'd ≈ c > b ≈ a'     # lower is better
+    assert paper_table.spread([0.5, 0.7], '{:.2f}') == '0.60 (0.50–0.70)'
+
+
+def test_paper_table_over_seeds_resumes_and_picks_up_finished_runs(tmp_path):
+    def table(*extra):
+        r = subprocess.run([sys.executable, str(ROOT / 'examples' / 'paper_table.py'), '--tiny',
+                            '--methods', 'biggan,s3gan,single-label', '--judge-samples', '200',
+                            '--out', str(tmp_path), *extra], timeout=600, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+    table('--seeds', '1')
+    wall = json.loads((tmp_path / 'seed0' / 's3gan' / 'wall.json').read_text())
+    assert wall['wall_s'] > 0
+    (tmp_path / 'seed0' / 's3gan' / 'wall.json').unlink()      # finished by another process
+    (tmp_path / 'seed0' / 's3gan' / 'scores.json').unlink()
+    out = table('--seeds', '2')                                 # seed 1 is new
+    assert out.count('label stage') == 1, out                   # seed 1's s3gan only
+    assert 'resuming' not in out and out.count('step 2/2') == 3  # seed 1's three runs
+    lines = (tmp_path / 'table.md').read_text().splitlines()
+    assert [row.split(' | ')[:3] for row in lines[2:5]] == [
+        ['| biggan', '100%', '2'], ['| s3gan', '10%', '2'], ['| single-label', '0%', '2']]
+    assert lines[5].startswith('| real images (ceiling) |')
+    assert '–' in lines[2] and lines[-1].startswith('- FD: ')
+    assert Image.open(tmp_path / 'methods.png').height == (1 + 3 * 2) * 2 * 32
 
 
 # ----------------------------------------------------------------------------------------------

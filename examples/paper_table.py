@@ -1,15 +1,17 @@
 """The paper's comparison of methods (Lucic et al. 2019, Sec. 5: FID / IS on ImageNet 128x128 by
-method and labels used), in miniature: every method trained at the demo's budget on the embedded
-shapes set and scored by the demo's judge (s3gan.judge_scores: class accuracy and the Frechet
-distance in the judge's feature space, the embedded set's stand-ins for IS and FID).
+method and labels used), in miniature and over seeds: every method trained at the demo's budget
+on the embedded shapes set with seeds 0..N-1 (the seed changes the data set, the weights and the
+labeled subset), each run measured as the demo is (examples/demo.py: judge A, judge B, CAS, FD).
 
-    python examples/paper_table.py                # five methods, about 35 min on 2 idle CPUs
-    python examples/paper_table.py --methods s3gan,s3gan-co --out runs/paper_table
+    python examples/paper_table.py --seeds 3     # 5 methods x 3 seeds, ~1.5 h on 2 idle cores
+    python examples/paper_table.py --methods s3gan,s3gan-co --seeds 1 --out runs/paper_table
 
-Writes OUT/table.md (markdown) and OUT/methods.png (a row of G_ema samples per method, one
-column per class). Each method's row is kept in OUT/results.json as soon as it is done, so a
-stopped run goes on with the methods that are left; the methods can also run in parallel, one
-process each, with the same --out (and then once more all together for the table).
+Run layout: OUT/seed{k}/{method}/ (a training folder of s3gan.train), with wall.json
+({"wall_s": seconds of training, ...}) written right after its training and scores.json after
+its measurement. A run whose ckpt.pt is at the last step is finished: it is measured, never
+trained again (runs trained by another process are picked up the same way); an unfinished one is
+resumed. OUT/table.md has mean and min-max over the finished seeds per measure and method, and a
+ranking only where the ranges do not overlap; OUT/methods.png has a row of samples per run.
 """
 import argparse
 import dataclasses
@@ -18,10 +20,11 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import s3gan  # noqa: E402
+from demo import held_out, load_judges, measure, save_named_rows   # puts the root on the path
+import s3gan  # noqa: E402 (isort: after demo)
 
 # method -> labels used: the true ones (biggan), 10% and inferred ones, or none at all
 LABELS_USED = {'biggan': '100%', 's3gan': '10%', 's2gan': '10%', 's3gan-co': '10%',
@@ -30,16 +33,64 @@ LABELS_USED = {'biggan': '100%', 's3gan': '10%', 's2gan': '10%', 's3gan-co': '10
 # CI's size: the whole table in seconds, nothing learned
 TINY = dict(ch=4, steps=2, num_images=200, pretrain_steps=4, batch_size=8,
             standing_batches=2, log_every=1, sample_every=1000, ckpt_every=1000, num_workers=0)
+# column -> (key in scores.json, format, higher is better)
+MEASURES = {'inferred-label accuracy': ('label_acc', '{:.1%}', True),
+            'judge A': ('judge_a', '{:.2f}', True), 'judge B': ('judge_b', '{:.2f}', True),
+            'CAS': ('cas', '{:.2f}', True), 'FD': ('fd', '{:.2f}', False)}
 
 
-def write_outputs(out: str, rows: dict, real: dict):
-    lines = ['| method | labels used | inferred-label accuracy | class accuracy | FD | wall time |',
-             '|---|---|---|---|---|---|']
-    for m, r in rows.items():
-        acc = '—' if r['label_acc'] is None else f'{r["label_acc"]:.1%}'
-        lines.append(f'| {m} | {LABELS_USED[m]} | {acc} | {r["class_acc"]:.2f} | '
-                     f'{r["fd"]:.2f} | {r["wall_s"] / 60:.1f} min |')
-    lines.append(f'| real images (ceiling) | | | {real["real_acc"]:.3f} | {real["real_fd"]:.2f} | |')
+def write_json(path: str, obj):
+    with open(path + '.tmp', 'w') as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def finished(out: str, steps: int) -> bool:
+    path = os.path.join(out, 'ckpt.pt')
+    return os.path.exists(path) and torch.load(path, map_location='cpu',
+                                               weights_only=True)['step'] >= steps
+
+
+def spread(values: list, fmt: str) -> str:   # "mean (min-max)"; one value: itself
+    if not values:
+        return '—'
+    mean = fmt.format(np.mean(values))
+    return mean if len(values) == 1 else f'{mean} ({fmt.format(min(values))}–' \
+                                         f'{fmt.format(max(values))})'
+
+
+def ranking(rows: dict, key: str, higher: bool) -> str:
+    """Methods by mean, best first: '>' where the two neighbours' min-max ranges do not overlap
+    (two seeds or more each), '≈' where they do."""
+    runs = {m: [r[key] for r in rs if r.get(key) is not None] for m, rs in rows.items()}
+    order = sorted((m for m in runs if runs[m]), key=lambda m: np.mean(runs[m]), reverse=higher)
+    text = order[0] if order else ''
+    for a, b in zip(order, order[1:]):
+        apart = (min(runs[a]) > max(runs[b]) if higher else max(runs[a]) < min(runs[b]))
+        text += (' > ' if apart and min(len(runs[a]), len(runs[b])) > 1 else ' ≈ ') + b
+    return text
+
+
+def write_table(out: str, rows: dict):
+    """rows: method -> [scores.json of each finished seed]. Writes and prints OUT/table.md."""
+    lines = ['| method | labels used | seeds | ' + ' | '.join(MEASURES) + ' | wall time |',
+             '|---' * (len(MEASURES) + 4) + '|']
+    for m, rs in rows.items():
+        cells = [spread([r[k] for r in rs if r.get(k) is not None], f)
+                 for k, f, _ in MEASURES.values()]
+        walls = [r['wall_s'] / 60 for r in rs if r.get('wall_s')]
+        lines.append(f'| {m} | {LABELS_USED[m]} | {len(rs)} | ' + ' | '.join(cells) +
+                     f' | {spread(walls, "{:.1f}")} min |')
+    every = [r for rs in rows.values() for r in rs]
+    ceil = {k: spread([r[k] for r in every], '{:.3f}') for k in ('real_judge_a', 'real_judge_b')}
+    lines.append(f'| real images (ceiling) | | | | {ceil["real_judge_a"]} | {ceil["real_judge_b"]}'
+                 f' | {ceil["real_judge_b"]} | {spread([r["real_fd"] for r in every], "{:.2f}")} |'
+                 f' |')
+    lines += ['', 'Mean (min–max) over the finished seeds. Ranking by mean: ">" where the ranges'
+              ' of two neighbours do not overlap, "≈" where they do (or one has a single seed).',
+              '']
+    lines += [f'- {name}: {ranking(rows, k, hi)}' for name, (k, _, hi) in MEASURES.items()
+              if name != 'inferred-label accuracy']
     with open(os.path.join(out, 'table.md'), 'w') as fh:
         fh.write('\n'.join(lines) + '\n')
     print('\n'.join(lines), flush=True)
@@ -48,47 +99,56 @@ def write_outputs(out: str, rows: dict, real: dict):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--methods', default='biggan,s3gan,s2gan,clustering,single-label')
+    p.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1 of every method')
     p.add_argument('--out', default='runs/paper_table')
     p.add_argument('--judge-samples', type=int, default=1000)
     p.add_argument('--tiny', action='store_true', help="CI's size: a few steps, tiny networks")
-    p.add_argument('--rescore', action='store_true',
-                   help='judge finished methods again (a new judge), keeping their wall time')
+    p.add_argument('--score-only', action='store_true',
+                   help='measure the finished runs only (another process trains the others)')
+    p.add_argument('--rescore', action='store_true', help='measure measured runs again')
     args = p.parse_args(argv)
     methods = args.methods.split(',')
     for m in methods:
         if m not in LABELS_USED:
             p.error(f'--methods: unknown method {m!r}; choose from {", ".join(s3gan.METHODS)}')
+    if args.seeds < 1:
+        p.error(f'--seeds {args.seeds}: at least 1')
     base = s3gan.Config(**{**s3gan.DEMO, **(TINY if args.tiny else {}), 'out': args.out})
     rt = s3gan.Runtime(base.device)
     os.makedirs(args.out, exist_ok=True)
-    judge = s3gan.load_judge(base, rt.device, base.pretrain_steps if args.tiny else 0)   # once
-    path, real, figure = os.path.join(args.out, 'results.json'), None, []
-    for m in methods:
-        out, t = os.path.join(args.out, m), time.time()
-        rows = json.load(open(path)) if os.path.exists(path) else {}   # others' rows too
-        if m not in rows:                 # a finished method is only loaded (and judged)
-            s3gan.train(dataclasses.replace(base, method=m, out=out))
-        wall = time.time() - t
-        cfg, G, _ = s3gan.load_run(out, base.device)
-        labels = os.path.join(out, 'labels.npz')
-        label_acc = s3gan.load_labels(labels)[2] if os.path.exists(labels) else None
-        scores = s3gan.judge_scores(judge, G, cfg, rt, args.judge_samples)
-        x_real, y_real = scores.pop('real')
-        real = dict(real_acc=scores['real_acc'], real_fd=scores['real_fd'])
-        if m not in rows or args.rescore:   # a finished method keeps its first wall time
-            rows[m] = dict(label_acc=label_acc, wall_s=rows.get(m, {}).get('wall_s', wall),
-                           **scores)
-            with open(f'{path}.{m}.tmp', 'w') as fh:
-                json.dump(rows, fh, indent=1)
-            os.replace(f'{path}.{m}.tmp', path)
-        K = G.embed_y.num_embeddings     # one column per class (per cluster; one for single-label)
-        y = torch.arange(cfg.num_classes) % K
-        z = torch.randn(len(y), cfg.z_dim, generator=torch.Generator().manual_seed(1))
-        if not figure:
-            figure.append(('real', torch.stack([x_real[y_real == c][0] for c in range(len(y))])))
-        figure.append((m, s3gan.generate(G, z.to(rt.device), y.to(rt.device), rt)))
-        write_outputs(args.out, {k: rows[k] for k in methods if 'fd' in rows.get(k, {})}, real)
-        s3gan.save_named_rows(figure, os.path.join(args.out, 'methods.png'))
+    judges = load_judges(base, rt.device)          # once, on seed 0's data set, cached in OUT
+    rows, figure = {m: [] for m in methods}, [('real', held_out(base, len(s3gan.SHAPES))[0])]
+    for seed in range(args.seeds):
+        for m in methods:
+            cfg = dataclasses.replace(base, method=m, seed=seed,
+                                      out=os.path.join(args.out, f'seed{seed}', m))
+            wall_path, scores_path = (os.path.join(cfg.out, n) for n in ('wall.json',
+                                                                         'scores.json'))
+            if not (os.path.exists(wall_path) or finished(cfg.out, cfg.steps)):
+                if args.score_only:
+                    print(f'{cfg.out}: not finished, left out')
+                    continue
+                t = time.time()
+                s3gan.train(cfg)
+                write_json(wall_path, dict(wall_s=time.time() - t, threads=torch.get_num_threads()))
+            cfg, G, _ = s3gan.load_run(cfg.out, base.device)
+            if args.rescore or not os.path.exists(scores_path):
+                scores = measure(G, cfg, rt, judges, args.judge_samples)
+                scores.pop('real')
+                labels = os.path.join(cfg.out, 'labels.npz')
+                scores['label_acc'] = (s3gan.load_labels(labels)[2] if os.path.exists(labels)
+                                       else None)
+                write_json(scores_path, scores)
+            scores = json.load(open(scores_path))
+            wall = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
+            rows[m].append(dict(scores, wall_s=wall.get('wall_s')))
+            y = torch.arange(cfg.num_classes) % G.embed_y.num_embeddings   # a column a class
+            z = torch.randn(len(y), cfg.z_dim, generator=torch.Generator().manual_seed(1))
+            s3gan.standing_statistics(G, cfg.standing_batches, cfg.seed + 1)
+            figure.append((f'{m} s{seed}', s3gan.generate(G, z.to(rt.device), y.to(rt.device),
+                                                          rt)))
+    write_table(args.out, {m: rs for m, rs in rows.items() if rs})
+    save_named_rows(figure, os.path.join(args.out, 'methods.png'))
     print(f'table: {args.out}/table.md   figure: {args.out}/methods.png')
 
 
