@@ -1038,6 +1038,25 @@ def test_paper_table_over_seeds_resumes_and_picks_up_finished_runs(tmp_path):
     assert Image.open(tmp_path / 'methods.png').height == (1 + 3 * 2) * 2 * 32
 
 
+def test_paper_table_bigbigan_rows_share_the_seed_and_its_encoder(tmp_path):
+    """The two BigBiGAN rows (issue 21): s3gan-bigbigan's label stage reads the same seed's E."""
+    run = lambda methods: subprocess.run(
+        [sys.executable, str(ROOT / 'examples' / 'paper_table.py'), '--tiny', '--seeds', '1',
+         '--methods', methods, '--judge-samples', '200', '--out', str(tmp_path)], timeout=600,
+        text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True)
+    r = run('s3gan-bigbigan')                                   # no encoder yet: one line
+    assert r.returncode == 2 and 'seed0/bigbigan is not trained yet' in r.stderr.splitlines()[-1]
+    r = run('bigbigan,s3gan-bigbigan')
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cfg = json.loads((tmp_path / 'seed0' / 's3gan-bigbigan' / 'config.json').read_text())
+    assert cfg['method'] == 's3gan' and cfg['encoder'] == str(tmp_path / 'seed0' / 'bigbigan')
+    assert 'lr_e_factor' in json.loads((tmp_path / 'seed0' / 'bigbigan' / 'config.json')
+                                       .read_text())
+    rows = (tmp_path / 'table.md').read_text().splitlines()[2:4]
+    assert rows[0].startswith('| bigbigan | 0% | 1 | — |'), rows     # no label stage
+    assert rows[1].startswith('| s3gan-bigbigan | 10% | 1 | ') and '%' in rows[1].split('|')[4]
+
+
 # ----------------------------------------------------------------------------------------------
 # Speed: torch.compile and the throughput benchmark (benchmarks/throughput.py)
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,12 @@ labeled subset), each run measured as the demo is (examples/demo.py: judge A, ju
 
     python examples/paper_table.py --seeds 3     # 5 methods x 3 seeds, ~1.5 h on 2 idle cores
     python examples/paper_table.py --methods s3gan,s3gan-co --seeds 1 --out runs/paper_table
+    python examples/paper_table.py --methods bigbigan,s3gan-bigbigan --seeds 3   # BigBiGAN rows
+
+BigBiGAN's rows (Donahue & Simonyan 2019; bigbigan.py): `bigbigan` is its unconditional G (0% of
+the labels, judged after matching like single-label); `s3gan-bigbigan` is s3gan whose label stage
+reads the same seed's BigBiGAN E instead of the rotation network (Config.encoder), so its
+inferred-label accuracy sits beside s3gan's on the same 10% of the labels.
 
 Run layout: OUT/seed{k}/{method}/ (a training folder of s3gan.train), with wall.json
 ({"wall_s": seconds of training, ...}) written right after its training and scores.json after
@@ -24,12 +30,14 @@ import numpy as np
 import torch
 
 from demo import held_out, load_judges, measure, save_named_rows   # puts the root on the path
-import s3gan  # noqa: E402 (isort: after demo)
+import bigbigan  # noqa: E402 (isort: after demo)
+import s3gan  # noqa: E402
 
 # method -> labels used: the true ones (biggan), 10% and inferred ones, or none at all
 LABELS_USED = {'biggan': '100%', 's3gan': '10%', 's2gan': '10%', 's3gan-co': '10%',
                's2gan-co': '10%', 'clustering': '0%', 'clustering-ss': '0%',
-               'single-label': '0%', 'random-label': '0%'}
+               'single-label': '0%', 'random-label': '0%', 'bigbigan': '0%',
+               's3gan-bigbigan': '10%'}
 # CI's size: the whole table in seconds, nothing learned
 TINY = dict(ch=4, steps=2, num_images=200, pretrain_steps=4, batch_size=8,
             standing_batches=2, log_every=1, sample_every=1000, ckpt_every=1000, num_workers=0)
@@ -49,6 +57,23 @@ def finished(out: str, steps: int) -> bool:
     path = os.path.join(out, 'ckpt.pt')
     return os.path.exists(path) and torch.load(path, map_location='cpu',
                                                weights_only=True)['step'] >= steps
+
+
+def run_config(base: s3gan.Config, method: str, seed: int, out: str):
+    """(config, train function) of one run: a row of LABELS_USED at seed `seed`, base otherwise."""
+    run = os.path.join(out, f'seed{seed}', method)
+    if method == 'bigbigan':                        # the base with bigbigan.DEMO's own choices
+        return bigbigan.BigBiGANConfig(**{**dataclasses.asdict(base), 'seed': seed, 'out': run,
+                                          'method': 'single-label',
+                                          'mlp_width': bigbigan.DEMO['mlp_width']}), bigbigan.train
+    if method == 's3gan-bigbigan':                  # labels from the same seed's BigBiGAN E
+        encoder = os.path.join(out, f'seed{seed}', 'bigbigan')
+        if not os.path.exists(os.path.join(encoder, 'wall.json')):
+            raise ValueError(f'--methods s3gan-bigbigan: {encoder} is not trained yet; put '
+                             'bigbigan before it in --methods')
+        return dataclasses.replace(base, method='s3gan', encoder=encoder, seed=seed,
+                                   out=run), s3gan.train
+    return dataclasses.replace(base, method=method, seed=seed, out=run), s3gan.train
 
 
 def spread(values: list, fmt: str) -> str:   # "mean (min-max)"; one value: itself
@@ -98,7 +123,8 @@ def write_table(out: str, rows: dict):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--methods', default='biggan,s3gan,s2gan,clustering,single-label')
+    p.add_argument('--methods', default='biggan,s3gan,s2gan,clustering,single-label,bigbigan,'
+                                        's3gan-bigbigan')
     p.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1 of every method')
     p.add_argument('--out', default='runs/paper_table')
     p.add_argument('--judge-samples', type=int, default=1000)
@@ -120,8 +146,10 @@ def main(argv=None):
     rows, figure = {m: [] for m in methods}, [('real', held_out(base, len(s3gan.SHAPES))[0])]
     for seed in range(args.seeds):
         for m in methods:
-            cfg = dataclasses.replace(base, method=m, seed=seed,
-                                      out=os.path.join(args.out, f'seed{seed}', m))
+            try:
+                cfg, train = run_config(base, m, seed, args.out)
+            except ValueError as e:
+                p.error(str(e))
             wall_path, scores_path = (os.path.join(cfg.out, n) for n in ('wall.json',
                                                                          'scores.json'))
             if not (os.path.exists(wall_path) or finished(cfg.out, cfg.steps)):
@@ -129,9 +157,9 @@ def main(argv=None):
                     print(f'{cfg.out}: not finished, left out')
                     continue
                 t = time.time()
-                s3gan.train(cfg)
+                train(cfg)
                 write_json(wall_path, dict(wall_s=time.time() - t, threads=torch.get_num_threads()))
-            cfg, G, _ = s3gan.load_run(cfg.out, base.device)
+            cfg, G, _ = s3gan.load_run(cfg.out, base.device, config=type(cfg))
             if args.rescore or not os.path.exists(scores_path):
                 scores = measure(G, cfg, rt, judges, args.judge_samples)
                 scores.pop('real')
