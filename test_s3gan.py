@@ -2341,3 +2341,52 @@ def test_bigbigan_two_processes_with_torchrun_equal_one_process(tmp_path):
     assert torch.allclose(s, one['s'], atol=1e-5)              # reals, then fakes, of both
     for g1, g0, g_1 in zip(one['grads'], r0['grads'], r1['grads']):
         assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4) and torch.equal(g0, g_1)
+
+
+BB_ARGS = ['train', '--data', 'shapes', '--num-images', '60', '--resolution', '32', '--ch', '4',
+           '--batch-size', '8', '--mlp-width', '16', '--mlp-depth', '2', '--num-workers', '0',
+           '--log-every', '1', '--sample-every', '1000', '--ckpt-every', '1000',
+           '--standing-batches', '2']
+
+
+def test_xla_bigbigan_trains_without_fallbacks_nor_recompiles(xla, tmp_path, monkeypatch):
+    """`bigbigan.py train --device xla`: E, G and the joint D train with no op left on the CPU
+    and, after the warm-up of s3gan's XLA test (steps 1 and 2), no new compilation; the
+    checkpoint loads into the CPU models. (z and eps come from XLA's generator: the numbers are
+    not the CPU run's, so this test compares none.)"""
+    met, compiles, sync = xla, [], s3gan.Runtime.sync
+    monkeypatch.setattr(s3gan.Runtime, 'sync', lambda rt: (sync(rt), compiles.append(
+        _xla_compiles(met))))
+    bigbigan.main(BB_ARGS + ['--steps', '4', '--device', 'xla', '--out', str(tmp_path)])
+    assert compiles[3] == compiles[2] == compiles[1], compiles
+    assert _xla_fallbacks(met) == {}
+    rows = _log_rows(tmp_path)
+    assert [r['step'] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(list(r.values())).all()
+                                                             for r in rows)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', map_location='cpu', weights_only=True)
+    G, E, D = bigbigan.build_models(bigbigan.load_config(str(tmp_path)))
+    G.load_state_dict(ckpt['G_ema']), E.load_state_dict(ckpt['E']), D.load_state_dict(ckpt['D'])
+
+
+def test_bigbigan_sigterm_checkpoints_and_the_same_command_resumes_exactly(tmp_path):
+    """`python bigbigan.py train` stops on SIGTERM as s3gan.py does (one line, exit 128 + 15, a
+    checkpoint), and the same command finishes the run as an unbroken one would."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    command = lambda out: [sys.executable, str(ROOT / 'bigbigan.py'), *BB_ARGS, '--steps', '12',
+                           '--device', 'cpu', '--out', str(tmp_path / out)]
+    p = subprocess.Popen(command('a'), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    for line in p.stdout:
+        if line.startswith('step '):
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM and 'stopped by SIGTERM after step' in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert 1 <= torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['step'] < 12
+    for out in ('a', 'b'):
+        r = subprocess.run(command(out), capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0 and ('resuming from' in r.stdout) == (out == 'a'), r.stderr
+    a, b = (torch.load(tmp_path / out / 'ckpt.pt', weights_only=True) for out in 'ab')
+    assert a['step'] == b['step'] == 12
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ('G', 'E', 'D', 'G_ema') for n in a[k])
