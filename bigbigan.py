@@ -77,6 +77,9 @@ class BigBiGANConfig(s3gan.Config):
         self.mlp_width = self.mlp_width or 2048 * self.ch // 96
 
 
+s3gan.RESUMABLE.update({'probe_features', 'probe_steps'})   # the probe's, not in training's math
+
+
 def encoder_resolution(cfg: BigBiGANConfig) -> int:
     return 2 * cfg.resolution if cfg.high_res_e else cfg.resolution
 

@@ -2253,7 +2253,7 @@ def test_bigbigan_tiny_run_resumes_samples_probes_and_feeds_the_label_stage(tmp_
     s3gan's label stage on this run's encoder."""
     cfg = bb_cfg(tmp_path)
     bigbigan.train(cfg)
-    bigbigan.train(dataclasses.replace(cfg, steps=4))
+    bigbigan.train(dataclasses.replace(cfg, steps=4, probe_steps=60))   # the probe's: resumable
     bigbigan.train(dataclasses.replace(cfg, steps=4, out=str(tmp_path / 'unbroken')))
     a, b = (torch.load(Path(p) / 'ckpt.pt', weights_only=True) for p in (cfg.out,
                                                                           tmp_path / 'unbroken'))
