@@ -152,7 +152,6 @@ class Config:
                              f'chunks (hierarchical z at resolution {self.resolution})')
 
 
-
 # --- Layers: spectral norm, batch standardisation, conditional BN, attention ----------------------
 
 def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: float = 1e-12,
@@ -448,11 +447,9 @@ def init_weights(module: nn.Module):
 
 def label_classes(cfg: Config) -> int:
     """How many classes G and D are built for: one for single-label, K clusters for clustering."""
-    if cfg.method == 'single-label':
-        return 1
     if cfg.method.startswith('clustering'):
         return cfg.clusters or cfg.num_classes
-    return cfg.num_classes
+    return 1 if cfg.method == 'single-label' else cfg.num_classes
 
 
 def uses_rotation(method: str) -> bool:
@@ -709,8 +706,7 @@ class FolderDataset(Dataset):
                     raise BadImageError(f'cannot read image {path}: {e}') from None
                 warnings.warn(f'skipping unreadable image {path}: {e}')
                 continue
-            x = crop_and_resize(np.array(img), self.resolution, self.augment, self.seed,
-                                pos)
+            x = crop_and_resize(np.array(img), self.resolution, self.augment, self.seed, pos)
             return x, int(self.labels[j % len(self.files)])
         raise BadImageError(f'--data: no readable image in {len(self.files)} files')
 
@@ -1139,10 +1135,6 @@ class Runtime:
     def autocast(self):
         return torch.autocast(self.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def sync(self):
-        """End of a step: cut and run the XLA graph (no-op elsewhere; CUDA is asynchronous)."""
-        device_sync(self.device)
-
     def shard(self, x):
         """Under SPMD, split the batch dimension over the TPU cores."""
         if self.mesh is not None:
@@ -1250,9 +1242,8 @@ def train_step(models, opts, batches, cfg: Config, rt: Runtime, ema_decay: float
     G, D, G_ema, G_train, D_train = models
     opt_G, opt_D = opts
     K = G.embed_y.num_embeddings
-    n_rot = 0
-    if uses_rotation(cfg.method):
-        n_rot = batches[0][0].shape[0] // (NUM_ROTATIONS * cfg.rotated_batch_fraction)
+    n_rot = (batches[0][0].shape[0] // (NUM_ROTATIONS * cfg.rotated_batch_fraction)
+             if uses_rotation(cfg.method) else 0)             # each half: bs / (4 f) rotated 3 ways
     stats = {}
     for x_real, y_real, y_true in batches:                         # x_real (B, 3, R, R) in [0, 1]
         B = x_real.shape[0]
@@ -1559,7 +1550,7 @@ def train(cfg: Config, data=make_dataset, build=build_training, step_fn=train_st
             first_bad = torch.where(~ok & (first_bad < 0), step_t, first_bad)
             sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
             count += 1
-            rt.sync()
+            device_sync(rt.device)   # end of a step: on XLA, one compiled step run per step
             stop = torch.tensor(received[0] if received else 0)   # every process stops at the
             if rt.world > 1:   # same step: one tiny all-reduce each step, on the host (no sync)
                 torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX, rt.cpu_group)
@@ -1806,12 +1797,10 @@ def import_tf(path: str, out: str):
 
 # The embedded demo: S3GAN with 10% labels on the shapes set at 32x32, small enough for a laptop.
 # NOTE (deviation): ch 16, G's last block 2 x ch wide (compare_gan: 4 x ch), batch 32, 1,200 G
-# steps, Adam at 1e-3 for G and D, G_ema from the first step with decay 0.99. By judge A's
-# class accuracy: 2e-4 for both and 1e-4 / 4e-4 (near the paper's, meant for batch 2048 and 250k
-# steps) stay near chance after 1,500 steps, 5e-4 reaches 0.64, 1e-3 0.85, 2e-3 is unstable; the
-# narrower block makes a step 20% cheaper at equal accuracy; batch 16 or 24 and 1 D step per G
-# step learn slower. 500 label-stage steps (800 by default at 32), 20 batches of standing stats
-# (eval_gan_lib.py: 3,200). For speed only: channels_last, and the images drawn in this process.
+# steps, Adam at 1e-3 for G and D, G_ema from the first step with decay 0.99, 500 label-stage
+# steps (800 by default at 32), 20 batches of standing stats (eval_gan_lib.py: 3,200); for speed
+# only: channels_last, the images drawn in this process. The measurements behind them (learning
+# rates, widths, batch): examples/demo.py's docstring, beside the judges that made them.
 DEMO = dict(method='s3gan', data='shapes', resolution=32, ch=16, g_mult=(4, 4, 4, 2),
             batch_size=32, steps=1200, lr_g=1e-3, lr_d=1e-3, ema_start=0, ema_decay=0.99,
             pretrain_steps=500, num_images=5000, labeled_fraction=0.1, out='runs/demo',
@@ -1852,7 +1841,6 @@ def config_parser(parser, config=Config):
 def main(argv=None, prog='s3gan.py', config=Config, commands=None, run_demo=None):
     """The command line. bigbigan.py's is this one with its own Config subclass, commands
     ({name: (help, function of a config)}: their flags are the config's fields) and demo."""
-    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog=prog, description=sys.modules[
         config.__module__].__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command')
