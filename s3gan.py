@@ -152,7 +152,6 @@ class Config:
                              f'chunks (hierarchical z at resolution {self.resolution})')
 
 
-
 # --- Layers: spectral norm, batch standardisation, conditional BN, attention ----------------------
 
 def spectral_normalize(W: torch.Tensor, u: torch.Tensor, update: bool, eps: float = 1e-12,
@@ -448,11 +447,9 @@ def init_weights(module: nn.Module):
 
 def label_classes(cfg: Config) -> int:
     """How many classes G and D are built for: one for single-label, K clusters for clustering."""
-    if cfg.method == 'single-label':
-        return 1
     if cfg.method.startswith('clustering'):
         return cfg.clusters or cfg.num_classes
-    return cfg.num_classes
+    return 1 if cfg.method == 'single-label' else cfg.num_classes
 
 
 def uses_rotation(method: str) -> bool:
@@ -709,8 +706,7 @@ class FolderDataset(Dataset):
                     raise BadImageError(f'cannot read image {path}: {e}') from None
                 warnings.warn(f'skipping unreadable image {path}: {e}')
                 continue
-            x = crop_and_resize(np.array(img), self.resolution, self.augment, self.seed,
-                                pos)
+            x = crop_and_resize(np.array(img), self.resolution, self.augment, self.seed, pos)
             return x, int(self.labels[j % len(self.files)])
         raise BadImageError(f'--data: no readable image in {len(self.files)} files')
 
@@ -1139,10 +1135,6 @@ class Runtime:
     def autocast(self):
         return torch.autocast(self.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def sync(self):
-        """End of a step: cut and run the XLA graph (no-op elsewhere; CUDA is asynchronous)."""
-        device_sync(self.device)
-
     def shard(self, x):
         """Under SPMD, split the batch dimension over the TPU cores."""
         if self.mesh is not None:
@@ -1250,9 +1242,8 @@ def train_step(models, opts, batches, cfg: Config, rt: Runtime, ema_decay: float
     G, D, G_ema, G_train, D_train = models
     opt_G, opt_D = opts
     K = G.embed_y.num_embeddings
-    n_rot = 0
-    if uses_rotation(cfg.method):
-        n_rot = batches[0][0].shape[0] // (NUM_ROTATIONS * cfg.rotated_batch_fraction)
+    n_rot = (batches[0][0].shape[0] // (NUM_ROTATIONS * cfg.rotated_batch_fraction)
+             if uses_rotation(cfg.method) else 0)             # each half: bs / (4 f) rotated 3 ways
     stats = {}
     for x_real, y_real, y_true in batches:                         # x_real (B, 3, R, R) in [0, 1]
         B = x_real.shape[0]
@@ -1559,7 +1550,7 @@ def train(cfg: Config, data=make_dataset, build=build_training, step_fn=train_st
             first_bad = torch.where(~ok & (first_bad < 0), step_t, first_bad)
             sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
             count += 1
-            rt.sync()
+            device_sync(rt.device)   # end of a step: on XLA, one compiled step run per step
             stop = torch.tensor(received[0] if received else 0)   # every process stops at the
             if rt.world > 1:   # same step: one tiny all-reduce each step, on the host (no sync)
                 torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX, rt.cpu_group)
@@ -1712,106 +1703,14 @@ def sample(out: str, num: int, to: str, device: str = 'auto', batch_size: int = 
     return x, y
 
 
-# --- The official weights: compare_gan's TensorFlow variables in our modules (import-tf) ---------
-
-# compare_gan's scopes (resnet_biggan.py, resnet_ops.py, arch_ops.py, gans/s3gan.py) as our
-# module names; B<i> is blocks.<i-1>. TF_IGNORED: not weights (eval_gan_lib's switch, Adam, steps)
-TF_SCOPES = dict(generator='G', discriminator='D', up_conv1='conv1', same_conv1='conv1',
-                 down_conv2='conv2', same_conv2='conv2', up_conv_shortcut='shortcut',
-                 down_conv_shortcut='shortcut', same_conv_shortcut='shortcut', condition='',
-                 non_local_block='attn', conv2d_theta='theta', conv2d_phi='phi', conv2d_g='g',
-                 conv2d_attn_g='o', final_norm='bn_out', final_conv='conv_out', kernel='weight',
-                 accu='standardize', accu_variance='accu_var', accu_counter='accu_count', u_var='u',
-                 embedding_fc='embed_y', discriminator_projection='D.embed_y', score_classify=
-                 'rotation', discriminator_rotation='D', discriminator_predictor='D',
-                 predictor_linear='classifier')
-TF_IGNORED = re.compile(r'(update_accus|/Adam(_\d+)?|beta[12]_power|global_step)$')
-
-
-def tf_to_ours(name: str) -> str:
-    """'module/generator/B2/bn1/condition/gamma/kernel/u_var' -> 'G.blocks.1.bn1.gamma.u'; a
-    scope before generator/ or discriminator*/ (TF-Hub modules may have one) is dropped."""
-    parts = re.sub(r'^(.*?/)?(?=(generator|discriminator)\w*/)', '', name).replace(
-        'kernel/u_var', 'u_var').split('/')
-    parts[-1] = dict(gamma='weight', beta='bias').get(parts[-1], parts[-1])   # final_norm's
-    return '.'.join(p for p in (f'blocks.{int(p[1:]) - 1}' if re.fullmatch(r'B\d+', p) else
-                                TF_SCOPES.get(p, p) for p in parts) if p)
-
-
-def load_compare_gan(arrays: dict, ema: bool = True):
-    """(cfg, G state, D state) from compare_gan's variables {TF name: array} (resnet_biggan +
-    S3GAN): heads give the method, shapes the sizes; EMA shadows (ModularGAN.g_use_ema) replace
-    G's weights unless `ema` is False; no D variable (the TF-Hub export keeps G's only): D None.
-    A variable without a place here, or one of ours left without a value, is an error."""
-    names = {tf_to_ours(n.removesuffix('/ExponentialMovingAverage')): n for n in sorted(
-        arrays, key=lambda n: n.endswith('Average'))   # our key -> TF name; EMA last: it wins
-        if not TF_IGNORED.search(n) and (ema or not n.endswith('/ExponentialMovingAverage'))}
-    has_d = any(k.startswith('D.') for k in names)
-    shape = {k: arrays[n].shape for k, n in names.items()}
-    n_g = sum(bool(re.fullmatch(r'G\.blocks\.\d+\.conv1\.weight', k)) for k in names)
-    res = next((r for r, a in ARCH.items() if len(a['g_mult']) == n_g + 1), 0)
-    if not res or 'G.fc_noise.weight' not in shape:
-        raise ValueError(f'not a compare_gan resnet_biggan generator: {n_g} G blocks found')
-    (chunk, seed_width), arch = shape['G.fc_noise.weight'], ARCH[res]
-    ch = seed_width // 16 // arch['g_mult'][0]    # attention: after the first block that wide
-    attn = lambda net, mult: next((i for i, m in enumerate(mult) if i and m * ch == shape.get(
-        f'{net}.attn.theta.weight', [0] * 3)[2]), 0 if net == 'G' or has_d else -1)  # noqa: E731
-    method = {(1, 1): 's3gan-co', (1, 0): 's3gan', (0, 1): 's2gan-co', (0, 0): 's2gan'}[
-        'D.rotation.weight' in names, 'D.classifier.weight' in names] if has_d else 's3gan'
-    cfg = Config(method=method, resolution=res, ch=ch, num_classes=shape['G.embed_y.weight'][0],
-                 embed_dim=shape['G.embed_y.weight'][1], z_dim=chunk * len(arch['g_mult']),
-                 g_attn=attn('G', arch['g_mult']), d_attn=attn('D', (0,) + arch['d_mult']))
-    states, bad = dict(zip('GD', (m.state_dict() for m in build_models(cfg)))), []
-    for key, name in names.items():
-        a, (net, _, k) = np.asarray(arrays[name], np.float32), key.partition('.')
-        a = (a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.reshape(-1) if k.endswith('.u')
-             else a.T if a.ndim == 2 and key != 'G.embed_y.weight' else a)   # HWIO, (in, out)
-        if key.startswith('G.fc_noise.') and len(a) == seed_width:   # rows (4, 4, C) -> (C, 4, 4)
-            a = a.reshape(16, seed_width // 16, -1).swapaxes(0, 1).reshape(a.shape)
-        if k in states.get(net, {}) and states[net][k].shape == a.shape:
-            states[net][k] = torch.from_numpy(np.ascontiguousarray(a))
-        else:
-            bad.append(f'{name} {arrays[name].shape} has no place in ours')
-    bad += [f'our {n}.{k} has no value' for n, st in states.items() for k in st
-            if f'{n}.{k}' not in names and (n == 'G' or has_d)]
-    if bad:
-        raise ValueError(f'compare_gan checkpoint vs our {cfg.method} at {res}x{res}, ch {ch}: '
-                         f'{"; ".join(bad[:8])}' + f' (+{len(bad) - 8} more)' * (len(bad) > 8))
-    return cfg, states['G'], states['D'] if has_d else None
-
-
-def import_tf(path: str, out: str):
-    """A compare_gan checkpoint or TF-Hub module folder -> a run folder (config.json, ckpt.pt)
-    for `sample`, fid.py and `train --out`; G_ema from the EMA shadows where there are."""
-    try:
-        import tensorflow as tf   # only here: TF's checkpoint format
-    except ImportError:
-        raise ValueError('import-tf needs TensorFlow: pip install tensorflow-cpu') from None
-    if os.path.exists(os.path.join(path, 'variables', 'variables.index')):   # a TF-Hub module
-        path = os.path.join(path, 'variables', 'variables')
-    reader = tf.train.load_checkpoint(path)
-    arrays = {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()}
-    (cfg, G_state, D_state), rt = load_compare_gan(arrays, ema=False), Runtime('cpu')
-    _, D, _, opt_G, opt_D = build_training(dataclasses.replace(cfg, device='cpu'), rt)  # new Adam
-    save_checkpoint(os.path.join(out, 'ckpt.pt'), dict(   # no D variables: ours, initialised
-        G=G_state, G_ema=load_compare_gan(arrays)[1], D=D_state or D.state_dict(),
-        opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(), step=0, rng=[rt.rng_state()]))
-    with open(os.path.join(out, 'config.json'), 'w') as fh:     # only what the weights fix
-        json.dump({k: getattr(cfg, k) for k in ('method', 'resolution', 'ch', 'num_classes',
-                   'z_dim', 'embed_dim', 'g_mult', 'd_mult', 'g_attn', 'd_attn')}, fh, indent=1)
-    print(f'{path} -> {out}: {cfg.method} {cfg.resolution}px' + ', G only' * (not D_state))
-
-
 # --- Command line: flags are the Config fields with dashes ----------------------------------------
 
 # The embedded demo: S3GAN with 10% labels on the shapes set at 32x32, small enough for a laptop.
 # NOTE (deviation): ch 16, G's last block 2 x ch wide (compare_gan: 4 x ch), batch 32, 1,200 G
-# steps, Adam at 1e-3 for G and D, G_ema from the first step with decay 0.99. By judge A's
-# class accuracy: 2e-4 for both and 1e-4 / 4e-4 (near the paper's, meant for batch 2048 and 250k
-# steps) stay near chance after 1,500 steps, 5e-4 reaches 0.64, 1e-3 0.85, 2e-3 is unstable; the
-# narrower block makes a step 20% cheaper at equal accuracy; batch 16 or 24 and 1 D step per G
-# step learn slower. 500 label-stage steps (800 by default at 32), 20 batches of standing stats
-# (eval_gan_lib.py: 3,200). For speed only: channels_last, and the images drawn in this process.
+# steps, Adam at 1e-3 for G and D, G_ema from the first step with decay 0.99, 500 label-stage
+# steps (800 by default at 32), 20 batches of standing stats (eval_gan_lib.py: 3,200); for speed
+# only: channels_last, the images drawn in this process. The measurements behind them (learning
+# rates, widths, batch): examples/demo.py's docstring, beside the judges that made them.
 DEMO = dict(method='s3gan', data='shapes', resolution=32, ch=16, g_mult=(4, 4, 4, 2),
             batch_size=32, steps=1200, lr_g=1e-3, lr_d=1e-3, ema_start=0, ema_decay=0.99,
             pretrain_steps=500, num_images=5000, labeled_fraction=0.1, out='runs/demo',
@@ -1852,7 +1751,6 @@ def config_parser(parser, config=Config):
 def main(argv=None, prog='s3gan.py', config=Config, commands=None, run_demo=None):
     """The command line. bigbigan.py's is this one with its own Config subclass, commands
     ({name: (help, function of a config)}: their flags are the config's fields) and demo."""
-    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog=prog, description=sys.modules[
         config.__module__].__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command')
@@ -1879,8 +1777,8 @@ def main(argv=None, prog='s3gan.py', config=Config, commands=None, run_demo=None
         raise TrainingInterrupted(f'stopped by {signal.Signals(signum).name}', signum)
     handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if args.command == 'import-tf':
-            return import_tf(args.path, args.out)
+        if args.command == 'import-tf':   # compare_gan's weights: tools/compare_gan_weights.py
+            return _tool('tools', 'compare_gan_weights').import_tf(args.path, args.out)
         if args.command == 'sample':
             sample(**{k: v for k, v in vars(args).items() if k != 'command'}, config=config)
             print(f'wrote {args.num} samples to {args.to}')
@@ -1901,11 +1799,16 @@ def main(argv=None, prog='s3gan.py', config=Config, commands=None, run_demo=None
             torch.distributed.destroy_process_group()
 
 
+def _tool(folder: str, name: str):
+    """The module folder/name.py (examples/, tools/), imported on demand: a tool, not the paper."""
+    sys.modules.setdefault('s3gan', sys.modules[__name__])   # `python s3gan.py`: one module
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), folder))
+    return __import__(name)
+
+
 def demo(**overrides):
     """The demo and its report (judges, CAS, picture): examples/demo.py, a tool, not the paper."""
-    sys.modules.setdefault('s3gan', sys.modules[__name__])   # `python s3gan.py`: one module
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'examples'))
-    return __import__('demo').demo(**overrides)
+    return _tool('examples', 'demo').demo(**overrides)
 
 
 if __name__ == '__main__':

@@ -1697,6 +1697,8 @@ def test_loader_benchmark_times_the_real_path_and_drafts_at_a_reduced_scale(tmp_
 # loaded through load_compare_gan, must give the same numbers up to float32 rounding: the largest
 # difference, relative to the largest value of the array, is at most GOLDEN_TOL.
 GOLDEN = sorted((ROOT / 'tools' / 'golden').glob('compare_gan_*.npz'))
+sys.path.insert(0, str(ROOT / 'tools'))
+from compare_gan_weights import load_compare_gan  # noqa: E402  (import-tf's converter)
 GOLDEN_TOL = 1e-4
 
 
@@ -1706,7 +1708,7 @@ def golden_models(g, ema=False, replace=''):
     arrays = {k[4:]: g[k] for k in g.files if k.startswith('var/')}
     arrays.update({k[len(replace):]: g[k] for k in g.files if replace and k.startswith(replace)})
     with mock.patch.object(s3gan, 'init_weights', lambda module: None):   # (QR: slow) all loaded
-        cfg, G_state, D_state = s3gan.load_compare_gan(arrays, ema=ema)
+        cfg, G_state, D_state = load_compare_gan(arrays, ema=ema)
         G, D = s3gan.build_models(cfg)
     cfg = dataclasses.replace(cfg, rotated_batch_fraction=int(g['rotated_batch_fraction']))
     G.load_state_dict(G_state), D.load_state_dict(D_state)
@@ -1822,19 +1824,19 @@ def test_load_compare_gan_scope_prefix_generator_only_and_errors(monkeypatch):
     g = np.load(ROOT / 'tools' / 'golden' / 'compare_gan_32.npz')
     arrays = {k[4:]: g[k] for k in g.files if k.startswith('var/')}
     monkeypatch.setattr(s3gan, 'init_weights', lambda module: None)
-    cfg, G, D = s3gan.load_compare_gan(arrays)
-    _, G_hub, D_hub = s3gan.load_compare_gan({'module/' + k: v for k, v in arrays.items()})
+    cfg, G, D = load_compare_gan(arrays)
+    _, G_hub, D_hub = load_compare_gan({'module/' + k: v for k, v in arrays.items()})
     assert cfg.method == 's3gan-co' and (cfg.resolution, cfg.ch, cfg.num_classes) == (32, 8, 10)
     assert all(torch.equal(a[k], b[k]) for a, b in ((G, G_hub), (D, D_hub)) for k in a)
-    cfg_g, G_only, D_none = s3gan.load_compare_gan({k: v for k, v in arrays.items()
-                                                    if k.startswith('generator/')})
+    cfg_g, G_only, D_none = load_compare_gan({k: v for k, v in arrays.items()
+                                              if k.startswith('generator/')})
     assert D_none is None and (cfg_g.method, cfg_g.d_attn) == ('s3gan', 1)   # D: the defaults
     assert all(torch.equal(G[k], G_only[k]) for k in G)
     with pytest.raises(ValueError, match=r'discriminator/extra/kernel \(3,\) has no place'):
-        s3gan.load_compare_gan({**arrays, 'discriminator/extra/kernel': np.zeros(3)})
+        load_compare_gan({**arrays, 'discriminator/extra/kernel': np.zeros(3)})
     with pytest.raises(ValueError, match=r'our G\.blocks\.0\.conv1\.bias has no value'):
-        s3gan.load_compare_gan({k: v for k, v in arrays.items()     # (and its EMA shadow)
-                                if not k.startswith('generator/B1/up_conv1/bias')})
+        load_compare_gan({k: v for k, v in arrays.items()     # (and its EMA shadow)
+                          if not k.startswith('generator/B1/up_conv1/bias')})
     monkeypatch.setitem(sys.modules, 'tensorflow', None)
     with pytest.raises(SystemExit):
         s3gan.main(['import-tf', 'model.ckpt', '--out', 'unused'])

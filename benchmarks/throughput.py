@@ -88,7 +88,7 @@ def synthetic_batches(cfg, rt, batch):
 
 
 def synchronize(rt, stats):
-    rt.sync()
+    s3gan.device_sync(rt.device)
     float(stats['loss_g'])   # waits for the device (CUDA, XLA) to finish the step
 
 
@@ -184,7 +184,7 @@ class Bench:
     def run(self, steps):
         for _ in range(steps):
             stats = s3gan.train_step(self.models, self.opts, self.batches, self.cfg, self.rt, 0.0)
-            self.rt.sync()
+            s3gan.device_sync(self.rt.device)
         synchronize(self.rt, stats)
 
     def time(self):

@@ -2,8 +2,9 @@
 
     python tools/mutation_check.py
 
-Copies s3gan.py, test_s3gan.py, fid.py and tools/golden/ to a temporary folder, then, one at a
-time, changes one detail of s3gan.py there (the repository is never touched) and runs the golden
+Copies s3gan.py, test_s3gan.py and what it imports (fid.py, bigbigan.py, examples/,
+tools/compare_gan_weights.py) and tools/golden/ to a temporary folder, then, one at a time,
+changes one detail of s3gan.py there (the repository is never touched) and runs the golden
 tests (test_s3gan.py -k compare_gan). Each mutant must fail them and the unchanged copy pass.
 """
 import os
@@ -44,9 +45,12 @@ def main():
         source = fh.read()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ('test_s3gan.py', 'fid.py'):
+        for name in ('test_s3gan.py', 'fid.py', 'bigbigan.py'):   # and what the tests import
             shutil.copy(os.path.join(ROOT, name), tmp)
+        shutil.copytree(os.path.join(ROOT, 'examples'), os.path.join(tmp, 'examples'))
         shutil.copytree(os.path.join(ROOT, 'tools', 'golden'), os.path.join(tmp, 'tools', 'golden'))
+        shutil.copy(os.path.join(ROOT, 'tools', 'compare_gan_weights.py'),
+                    os.path.join(tmp, 'tools'))
         for name, (old, new) in [('unchanged', ('', ''))] + list(MUTANTS.items()):
             if old and source.count(old) != 1:
                 sys.exit(f'mutation "{name}": {old!r} occurs {source.count(old)} times in s3gan.py')
