@@ -734,7 +734,8 @@ class NpzDataset(Dataset):
         x = self.x[i]
         if x.shape[:2] == (self.resolution, self.resolution):
             return _to_tensor(x), int(self.labels[i])
-        return crop_and_resize(x, self.resolution, self.augment, self.seed, pos), int(self.labels[i])
+        x = crop_and_resize(x, self.resolution, self.augment, self.seed, pos)
+        return x, int(self.labels[i])
 
 
 def make_dataset(cfg: Config, augment: bool = True) -> Dataset:
@@ -1769,7 +1770,7 @@ def main(argv=None, prog='s3gan.py', config=Config, commands=None, run_demo=None
     p.add_argument('--ckpt', default='ckpt.pt', help='in --out: ckpt.pt, best.pt (lowest FID) '
                    'or snapshots/step_XXXXXXX.pt')
     p = sub.add_parser('import-tf', help="compare_gan's weights (TF checkpoint or TF-Hub module)")
-    p.add_argument('path', help='a checkpoint prefix or a module folder (variables/variables.index)')
+    p.add_argument('path', help='a checkpoint prefix or a TF-Hub module folder (with variables/)')
     p.add_argument('--out', required=True, help='the run folder to write')
     args = parser.parse_args(argv)
 

@@ -1523,7 +1523,7 @@ def test_xla_label_stage_compiles_each_loop_once_and_equals_cpu(xla, method, tmp
                      pretrain_batch_size=16)
         seen.clear()
         runs[name] = (infer_labels(cfg), seen[:], _xla_compiles(met))
-    (a, syncs_a, compiles_a), (b, syncs_b, compiles_b) = runs['a'], runs['b']
+    (a, syncs_a, compiles_a), (_, syncs_b, compiles_b) = runs['a'], runs['b']
     assert compiles_b == compiles_a, f'run B recompiled: {syncs_b}'
     # pretraining steps, feature batches, k-means (k - 1 seeds, 50 iterations), pretrain.pt
     iterations = 3 + 3 + (2 + 50 if method == 'clustering' else 0) + 1
