@@ -147,8 +147,11 @@ def main(argv=None):
         for m in methods:
             try:
                 cfg, train = run_config(base, m, seed, args.out)
-            except ValueError as e:
-                p.error(str(e))
+            except ValueError as e:          # s3gan-bigbigan without its seed's BigBiGAN
+                if not args.score_only:
+                    p.error(str(e))
+                print(f'{e}: left out')
+                continue
             wall_path, scores_path = (os.path.join(cfg.out, n) for n in ('wall.json',
                                                                          'scores.json'))
             if not (os.path.exists(wall_path) or finished(cfg.out, cfg.steps)):
