@@ -1017,7 +1017,8 @@ def test_table_ranks_only_where_the_ranges_do_not_overlap():
 def test_paper_table_over_seeds_resumes_and_picks_up_finished_runs(tmp_path):
     def table(*extra):
         r = subprocess.run([sys.executable, str(ROOT / 'examples' / 'paper_table.py'), '--tiny',
-                            '--methods', 'biggan,s3gan,single-label', '--judge-samples', '200',
+                            '--methods', 'biggan,s3gan,s2gan,single-label', '--judge-samples',
+                            '200',
                             '--out', str(tmp_path), *extra], timeout=600, text=True,
                            env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -1028,14 +1029,18 @@ def test_paper_table_over_seeds_resumes_and_picks_up_finished_runs(tmp_path):
     (tmp_path / 'seed0' / 's3gan' / 'wall.json').unlink()      # finished by another process
     (tmp_path / 'seed0' / 's3gan' / 'scores.json').unlink()
     out = table('--seeds', '2')                                 # seed 1 is new
-    assert out.count('label stage') == 1, out                   # seed 1's s3gan only
-    assert 'resuming' not in out and out.count('step 2/2') == 3  # seed 1's three runs
+    assert out.count('label stage') == 1, out                   # seed 1's s3gan; s2gan shares it
+    assert 'resuming' not in out and out.count('step 2/2') == 4  # seed 1's four runs
+    s2gan = tmp_path / 'seed1' / 's2gan'
+    assert json.loads((s2gan / 'wall.json').read_text())['labels_from'] == 's3gan/labels.npz'
+    assert (s2gan / 'labels.npz').read_bytes() == (s2gan / '../s3gan/labels.npz').read_bytes()
     lines = (tmp_path / 'table.md').read_text().splitlines()
-    assert [row.split(' | ')[:3] for row in lines[2:5]] == [
-        ['| biggan', '100%', '2'], ['| s3gan', '10%', '2'], ['| single-label', '0%', '2']]
-    assert lines[5].startswith('| real images (ceiling) |')
+    assert [row.split(' | ')[:3] for row in lines[2:6]] == [
+        ['| biggan', '100%', '2'], ['| s3gan', '10%', '2'], ['| s2gan', '10%', '2'],
+        ['| single-label', '0%', '2']]
+    assert lines[6].startswith('| real images (ceiling) |')
     assert '–' in lines[2] and lines[-1].startswith('- FD: ')
-    assert Image.open(tmp_path / 'methods.png').height == (1 + 3 * 2) * 2 * 32
+    assert Image.open(tmp_path / 'methods.png').height == (1 + 4 * 2) * 2 * 32
 
 
 def test_paper_table_bigbigan_rows_share_the_seed_and_its_encoder(tmp_path):

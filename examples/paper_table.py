@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -73,6 +74,20 @@ def run_config(base: s3gan.Config, method: str, seed: int, out: str):
         return dataclasses.replace(base, method='s3gan', encoder=encoder, seed=seed,
                                    out=run), s3gan.train
     return dataclasses.replace(base, method=method, seed=seed, out=run), s3gan.train
+
+
+def share_label_stage(cfg: s3gan.Config) -> dict:
+    """s2gan and s3gan of one seed make the same labels (s3gan.label_provenance): the second one
+    trained takes the first one's labels.npz, so the two rows differ only in the GAN's
+    self-supervision (and the label stage runs once). -> what wall.json should say about it."""
+    seed_dir, mine = os.path.dirname(cfg.out), os.path.join(cfg.out, 'labels.npz')
+    other = os.path.join(seed_dir, {'s2gan': 's3gan', 's3gan': 's2gan'}.get(cfg.method, ''),
+                         'labels.npz')
+    if cfg.encoder or os.path.exists(mine) or not os.path.isfile(other):
+        return {}
+    os.makedirs(cfg.out, exist_ok=True)
+    shutil.copyfile(other, mine)
+    return dict(labels_from=os.path.relpath(other, seed_dir))
 
 
 def spread(values: list, fmt: str) -> str:   # "mean (min-max)"; one value: itself
@@ -158,9 +173,11 @@ def main(argv=None):
                 if args.score_only:
                     print(f'{cfg.out}: not finished, left out')
                     continue
+                shared = share_label_stage(cfg)
                 t = time.time()
                 train(cfg)
-                write_json(wall_path, dict(wall_s=time.time() - t, threads=torch.get_num_threads()))
+                write_json(wall_path, dict(wall_s=time.time() - t, threads=torch.get_num_threads(),
+                                           **shared))
             cfg, G, _ = s3gan.load_run(cfg.out, base.device, config=type(cfg))
             if args.rescore or not os.path.exists(scores_path):
                 scores = measure(G, cfg, rt, judges, args.judge_samples)
