@@ -99,15 +99,17 @@ def spread(values: list, fmt: str) -> str:   # "mean (min-max)"; one value: itse
 
 
 def ranking(rows: dict, key: str, higher: bool) -> str:
-    """Methods by mean, best first: '>' where the two neighbours' min-max ranges do not overlap
-    (two seeds or more each), '≈' where they do."""
+    """Methods with two seeds or more by mean, best first: '>' where the two neighbours' min-max
+    ranges do not overlap, '≈' where they do; a method with one seed has no range: not ranked."""
     runs = {m: [r[key] for r in rs if r.get(key) is not None] for m, rs in rows.items()}
-    order = sorted((m for m in runs if runs[m]), key=lambda m: np.mean(runs[m]), reverse=higher)
+    order = sorted((m for m in runs if len(runs[m]) > 1), key=lambda m: np.mean(runs[m]),
+                   reverse=higher)
     text = order[0] if order else ''
     for a, b in zip(order, order[1:]):
         apart = (min(runs[a]) > max(runs[b]) if higher else max(runs[a]) < min(runs[b]))
-        text += (' > ' if apart and min(len(runs[a]), len(runs[b])) > 1 else ' ≈ ') + b
-    return text
+        text += (' > ' if apart else ' ≈ ') + b
+    single = [m for m in runs if len(runs[m]) == 1]
+    return text + (f'; one seed, not ranked: {", ".join(single)}' if single else '')
 
 
 def write_table(out: str, rows: dict):
@@ -126,8 +128,7 @@ def write_table(out: str, rows: dict):
                  f' | {ceil["real_judge_b"]} | {spread([r["real_fd"] for r in every], "{:.2f}")} |'
                  f' |')
     lines += ['', 'Mean (min–max) over the finished seeds. Ranking by mean: ">" where the ranges'
-              ' of two neighbours do not overlap, "≈" where they do (or one has a single seed).',
-              '']
+              ' of two neighbours do not overlap, "≈" where they do; one seed: not ranked.', '']
     lines += [f'- {name}: {ranking(rows, k, hi)}' for name, (k, _, hi) in MEASURES.items()
               if name != 'inferred-label accuracy']
     with open(os.path.join(out, 'table.md'), 'w') as fh:
