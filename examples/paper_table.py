@@ -166,7 +166,7 @@ def main(argv=None):
             except ValueError as e:          # s3gan-bigbigan without its seed's BigBiGAN
                 if not args.score_only:
                     p.error(str(e))
-                print(f'{e}: left out')
+                print(f'{os.path.join(args.out, f"seed{seed}", m)}: not finished, left out')
                 continue
             wall_path, scores_path = (os.path.join(cfg.out, n) for n in ('wall.json',
                                                                          'scores.json'))
