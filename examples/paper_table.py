@@ -3,7 +3,8 @@ method and labels used), in miniature and over seeds: every method trained at th
 on the embedded shapes set with seeds 0..N-1 (the seed changes the data set, the weights and the
 labeled subset), each run measured as the demo is (examples/demo.py: judge A, judge B, CAS, FD).
 
-    python examples/paper_table.py --seeds 3     # 5 methods x 3 seeds, ~1.5 h on 2 idle cores
+    python examples/paper_table.py --seeds 3     # 7 rows x 3 seeds: ~2.5 h on 2 cores (measured
+                                                 # 2026-11-30; the five S3GAN rows ~1.7 h)
     python examples/paper_table.py --methods s3gan,s3gan-co --seeds 1 --out runs/paper_table
     python examples/paper_table.py --methods bigbigan,s3gan-bigbigan --seeds 3   # BigBiGAN rows
 
