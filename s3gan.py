@@ -1136,6 +1136,11 @@ class Runtime:
     def autocast(self):
         return torch.autocast(self.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    def sync(self):
+        """End of a training step: cut and run the XLA graph (no-op elsewhere; CUDA is
+        asynchronous). One method, not device_sync, so that the XLA tests can count steps."""
+        device_sync(self.device)
+
     def shard(self, x):
         """Under SPMD, split the batch dimension over the TPU cores."""
         if self.mesh is not None:
@@ -1551,7 +1556,7 @@ def train(cfg: Config, data=make_dataset, build=build_training, step_fn=train_st
             first_bad = torch.where(~ok & (first_bad < 0), step_t, first_bad)
             sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
             count += 1
-            device_sync(rt.device)   # end of a step: on XLA, one compiled step run per step
+            rt.sync()                # end of a step: on XLA, one compiled step run per step
             stop = torch.tensor(received[0] if received else 0)   # every process stops at the
             if rt.world > 1:   # same step: one tiny all-reduce each step, on the host (no sync)
                 torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX, rt.cpu_group)
