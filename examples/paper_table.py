@@ -81,10 +81,12 @@ def share_label_stage(cfg: s3gan.Config) -> dict:
     """s2gan and s3gan of one seed make the same labels (s3gan.label_provenance): the second one
     trained takes the first one's labels.npz, so the two rows differ only in the GAN's
     self-supervision (and the label stage runs once). -> what wall.json should say about it."""
+    pair = {'s2gan': 's3gan', 's3gan': 's2gan'}.get(cfg.method)
+    if pair is None or cfg.encoder:                 # s3gan-bigbigan: its labels are E's
+        return {}
     seed_dir, mine = os.path.dirname(cfg.out), os.path.join(cfg.out, 'labels.npz')
-    other = os.path.join(seed_dir, {'s2gan': 's3gan', 's3gan': 's2gan'}.get(cfg.method, ''),
-                         'labels.npz')
-    if cfg.encoder or os.path.exists(mine) or not os.path.isfile(other):
+    other = os.path.join(seed_dir, pair, 'labels.npz')
+    if os.path.exists(mine) or not os.path.exists(other):
         return {}
     os.makedirs(cfg.out, exist_ok=True)
     shutil.copyfile(other, mine)
